@@ -1,0 +1,40 @@
+"""``vision-attn`` console script: ``fit|validate|test|predict`` (LightningCLI) and ``explain``."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: vision-attn {fit,validate,test,predict,explain,models} ...
+
+  fit|validate|test|predict   train / evaluate with LightningCLI (same as python train.py ...)
+  explain                     write attention-map overlays and scores for images
+  models                      list the registered model names
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch to a subcommand; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "models":
+        import vision_attn
+
+        print("\n".join(vision_attn.list_models(*rest[:1])))
+        return 0
+    if command == "explain":
+        from vision_attn.explain.cli import main as explain_main
+
+        return explain_main(rest)
+    if command in ("fit", "validate", "test", "predict"):
+        from vision_attn.training.cli import main as train_main
+
+        return train_main(argv)
+    print(f"vision-attn: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

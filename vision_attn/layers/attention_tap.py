@@ -1,0 +1,58 @@
+"""Hook points where attention probabilities or gate maps exist, for capture from outside the model.
+
+Models keep no attention tensors. A module that computes an attention/gate map passes it through a no-op
+module, and :class:`vision_attn.explain.AttentionRecorder` hooks that module:
+
+* token attention (ViT ``Attention`` here and in timm): the input of ``attn_drop`` on the explicit
+  (non-fused) path, i.e. the post-softmax probabilities ``[B, heads, N, N]``;
+* anything else (CNN gates, spatial maps, conv-attention probabilities): the output of an
+  :class:`AttentionTap` placed where the map is computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch import nn
+
+__all__ = ["AttentionTap", "HookPoint", "attention_hook_points"]
+
+TAP_KINDS = ("attention", "spatial", "channel")
+
+
+class AttentionTap(nn.Identity):
+    """Identity module marking an attention map of ``kind`` in ``('attention', 'spatial', 'channel')``.
+
+    ``attention``: probabilities ``[B, heads, N_query, N_key]``; ``spatial``: a gate ``[B, 1|C, H, W]``;
+    ``channel``: a gate ``[B, C, 1, 1]`` (or ``[B, C]``).
+    """
+
+    def __init__(self, kind: str = "attention") -> None:
+        super().__init__()
+        if kind not in TAP_KINDS:
+            raise ValueError(f"kind {kind!r} is not one of {TAP_KINDS}")
+        self.kind = kind
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}"
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """Where to record one map: ``module``'s input (``use_input``) or output, owned by ``owner`` (named ``name``)."""
+
+    name: str
+    owner: nn.Module
+    module: nn.Module
+    kind: str
+    use_input: bool
+
+
+def attention_hook_points(model: nn.Module) -> Iterator[HookPoint]:
+    """Yield every hook point of ``model`` in module (= forward) order."""
+    for name, module in model.named_modules():
+        if isinstance(module, AttentionTap):
+            yield HookPoint(name, module, module, module.kind, use_input=False)
+        elif hasattr(module, "fused_attn") and isinstance(getattr(module, "attn_drop", None), nn.Module):
+            yield HookPoint(name, module, module.attn_drop, "attention", use_input=True)

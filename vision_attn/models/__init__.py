@@ -1,0 +1,6 @@
+"""Registered networks. Importing this package registers every model with timm."""
+
+from vision_attn.models._registry import create_model, list_models, load_checkpoint
+from vision_attn.models.vit import VisionTransformer
+
+__all__ = ["VisionTransformer", "create_model", "list_models", "load_checkpoint"]
