@@ -1,0 +1,23 @@
+"""Token pooling heads."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["SequencePool"]
+
+
+class SequencePool(nn.Module):
+    """Sequence pooling of CCT (Hassani et al. 2021): softmax-weighted mean of the tokens.
+
+    ``[B, N, C] -> [B, C]`` with weights ``softmax_N(Linear(C, 1)(x))``.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.attention_pool = nn.Linear(dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = self.attention_pool(x).softmax(dim=1)  # B, N, 1
+        return (weights.transpose(1, 2) @ x).squeeze(1)
