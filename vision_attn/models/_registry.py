@@ -95,7 +95,7 @@ def load_checkpoint(model: nn.Module, checkpoint_path: str | os.PathLike, strict
     if wrong_shape or (strict and (missing or unexpected)):
         parts = []
         if wrong_shape:
-            parts.append("shape mismatch: " + "; ".join(wrong_shape[:10]))
+            parts.append(f"shape mismatch ({len(wrong_shape)}): " + "; ".join(wrong_shape[:10]))
         if strict and missing:
             parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:10])}")
         if strict and unexpected:
