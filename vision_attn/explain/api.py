@@ -1,0 +1,170 @@
+"""One entry point, :func:`explain`: ``(model, images [B, C, H, W]) -> maps [B, H, W]`` in [0, 1] for any method."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from vision_attn.explain._common import (
+    check_model_images,
+    normalize_maps,
+    resolve_targets,
+    token_layout,
+    upsample_maps,
+)
+from vision_attn.explain.cam import CAM_METHODS, default_target_layer, grad_cam
+from vision_attn.explain.capture import AttentionRecorder
+from vision_attn.explain.rollout import attention_rollout, gradient_rollout, last_layer_attention
+
+__all__ = ["METHODS", "attention_gradients", "explain", "record_attentions"]
+
+TOKEN_METHODS = ("rollout", "gradient_rollout", "attention")
+METHODS = (*TOKEN_METHODS, *CAM_METHODS, "spatial", "random")
+
+_OPTIONS: dict[str, tuple[str, ...]] = {
+    "rollout": ("head_fusion", "discard_ratio", "start_layer", "num_prefix_tokens", "grid_size"),
+    "gradient_rollout": ("num_prefix_tokens", "grid_size"),
+    "attention": ("head_fusion", "layer", "num_prefix_tokens", "grid_size"),
+    **dict.fromkeys(CAM_METHODS, ("target_layers", "num_prefix_tokens", "grid_size")),
+    "spatial": ("layer",),
+    "random": ("seed", "grid_size"),
+}
+
+
+def _token_attentions(recorder: AttentionRecorder, model: nn.Module) -> list[torch.Tensor]:
+    if not recorder.attentions:
+        kinds = sorted(set(recorder.kinds.values()))
+        found = f" (it has only {', '.join(kinds)} maps)" if kinds else ""
+        raise ValueError(
+            f"model {type(model).__name__} has no token-attention modules{found}; the attention methods "
+            f"{TOKEN_METHODS} need a ViT-style model; use one of {(*CAM_METHODS, 'spatial')} for a CNN"
+        )
+    return recorder.attentions
+
+
+def record_attentions(model: nn.Module, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Run ``model`` on ``images`` without gradients; return ``(attentions [B, heads, N, N] per layer, logits)``."""
+    with torch.no_grad(), AttentionRecorder(model) as recorder:
+        logits = model(images)
+    return _token_attentions(recorder, model), logits
+
+
+def attention_gradients(
+    model: nn.Module, images: torch.Tensor, target: int | Sequence[int] | torch.Tensor | None = None
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Run ``model`` once; return ``(attentions, gradients, targets)`` for gradient rollout.
+
+    ``attentions`` and ``gradients`` are lists of ``[B, heads, N, N]`` (detached): the attention probabilities
+    and the gradient of each image's target logit (``target``: ``None`` = predicted class, an int, or one per
+    image) with respect to them; ``targets`` is ``[B]``. Parameter ``.grad`` fields are left untouched.
+    """
+    with torch.enable_grad(), AttentionRecorder(model, detach=False) as recorder:
+        logits = model(images.detach().requires_grad_(True))
+        attentions = _token_attentions(recorder, model)
+        targets = resolve_targets(target, logits)
+        score = logits.gather(1, targets[:, None]).sum()  # images are independent: d(sum)/dA_b = d(logit_b)/dA_b
+        gradients = torch.autograd.grad(score, attentions)
+    return [a.detach() for a in attentions], [g.detach() for g in gradients], targets
+
+
+def _check_options(method: str, options: dict[str, Any]) -> None:
+    unknown = sorted(set(options) - set(_OPTIONS[method]))
+    if unknown:
+        raise TypeError(f"explain(method={method!r}) got unknown options {unknown}; it accepts {_OPTIONS[method]}")
+
+
+def _resolve_layers(model: nn.Module, target_layers: Any) -> list[nn.Module]:
+    layers = target_layers if isinstance(target_layers, (list, tuple)) else [target_layers]
+    resolved = []
+    for layer in layers:
+        if isinstance(layer, str):
+            try:
+                layer = model.get_submodule(layer)
+            except AttributeError as err:
+                raise ValueError(f"target_layers entry {layer!r} is not a submodule of the model: {err}") from err
+        if not isinstance(layer, nn.Module):
+            raise TypeError(f"target_layers entries must be modules or submodule names, got {type(layer).__name__}")
+        resolved.append(layer)
+    return resolved
+
+
+def _spatial_maps(model: nn.Module, images: torch.Tensor, layer: int | None) -> torch.Tensor:
+    with torch.no_grad(), AttentionRecorder(model) as recorder:
+        model(images)
+    maps = [m for name, m in recorder.maps.items() if recorder.kinds[name] == "spatial"]
+    if not maps:
+        kinds = sorted(set(recorder.kinds.values()))
+        raise ValueError(
+            f"model {type(model).__name__} has no spatial attention maps (AttentionTap kind 'spatial'); "
+            f"found kinds {kinds}"
+        )
+    if layer is not None:
+        if not isinstance(layer, int) or not -len(maps) <= layer < len(maps):
+            raise ValueError(f"layer {layer!r} is out of range for {len(maps)} spatial maps")
+        maps = [maps[layer]]
+    size = tuple(images.shape[-2:])
+    return torch.stack([normalize_maps(upsample_maps(m.float().mean(dim=1), size)) for m in maps]).mean(dim=0)
+
+
+def explain(
+    model: nn.Module,
+    images: torch.Tensor,
+    method: str = "rollout",
+    target: int | Sequence[int] | torch.Tensor | None = None,
+    **options: Any,
+) -> torch.Tensor:
+    """Explain ``model``'s predictions on ``images`` ``[B, C, H, W]``; returns maps ``[B, H, W]`` in [0, 1].
+
+    Each map is min-max scaled per image and bilinearly upsampled to the image size. Methods (:data:`METHODS`)
+    and their ``options``:
+
+    * ``rollout`` — attention rollout (Abnar & Zuidema 2020): ``head_fusion``, ``discard_ratio``,
+      ``start_layer``; class-agnostic (``target`` is not used);
+    * ``gradient_rollout`` — gradient-weighted rollout (Chefer et al. 2021) of the ``target`` logit;
+    * ``attention`` — raw attention of one layer (``layer=-1``, ``head_fusion``), class-agnostic;
+    * ``gradcam``, ``gradcam++``, ``layercam`` — Grad-CAM family (Selvaraju et al. 2017; Chattopadhay et al.
+      2018; Jiang et al. 2021) on ``target_layers`` (modules or names; default: see
+      :func:`~vision_attn.explain.cam.default_target_layer`);
+    * ``spatial`` — the CNN attention modules' own spatial gate maps (mean over all, or ``layer``);
+    * ``random`` — a random-map baseline (``seed``, ``grid_size`` for blocky maps).
+
+    Token methods also take ``num_prefix_tokens`` and ``grid_size`` to override what is read from the model.
+    ``target``: ``None`` = the predicted class, an int for all images, or one per image. The model is run in
+    its current mode (call ``model.eval()`` first) and is left unchanged.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is unknown; expected one of {METHODS}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_options(method, options)
+    check_model_images(model, images)
+    size = (images.shape[-2], images.shape[-1])
+
+    if method in TOKEN_METHODS or method in CAM_METHODS:
+        num_prefix, grid = token_layout(model, size, options.pop("num_prefix_tokens", None), options.pop("grid_size", None))
+    if method == "rollout":
+        attentions, _ = record_attentions(model, images)
+        raw = attention_rollout(attentions, num_prefix_tokens=num_prefix, grid_size=grid, **options)
+    elif method == "attention":
+        attentions, _ = record_attentions(model, images)
+        raw = last_layer_attention(attentions, num_prefix_tokens=num_prefix, grid_size=grid, **options)
+    elif method == "gradient_rollout":
+        attentions, gradients, _ = attention_gradients(model, images, target)
+        raw = gradient_rollout(attentions, gradients, num_prefix_tokens=num_prefix, grid_size=grid)
+    elif method in CAM_METHODS:
+        target_layers = options.get("target_layers")
+        layers = (
+            [default_target_layer(model, images)] if target_layers is None else _resolve_layers(model, target_layers)
+        )
+        raw, _ = grad_cam(model, images, target, layers, method, num_prefix_tokens=num_prefix, grid_size=grid)
+    elif method == "spatial":
+        raw = _spatial_maps(model, images, options.get("layer"))
+    else:  # random
+        generator = torch.Generator().manual_seed(int(options.get("seed", 0)))
+        grid = options.get("grid_size") or size
+        grid = (grid, grid) if isinstance(grid, int) else tuple(grid)
+        raw = torch.rand((images.shape[0], *grid), generator=generator).to(images.device)
+    return normalize_maps(upsample_maps(raw.detach(), size))

@@ -1,0 +1,193 @@
+"""Attention rollout and gradient-weighted rollout: pure, batched ``list[[B, H, N, N]] -> [B, gh, gw]``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+__all__ = [
+    "HEAD_FUSIONS",
+    "attention_rollout",
+    "check_attentions",
+    "fuse_heads",
+    "gradient_rollout",
+    "last_layer_attention",
+    "tokens_to_grid",
+]
+
+HEAD_FUSIONS = ("mean", "max", "min")
+
+
+def check_attentions(attentions: Sequence[torch.Tensor], name: str = "attentions") -> tuple[int, int]:
+    """Raise ``TypeError``/``ValueError`` unless ``attentions`` is a non-empty list of ``[B, H, N, N]`` tensors.
+
+    Every layer must have the same ``B`` and ``N`` (the head count may differ). Returns ``(B, N)``.
+    """
+    if isinstance(attentions, torch.Tensor) or not isinstance(attentions, Sequence):
+        raise TypeError(f"{name} must be a list of [B, heads, N, N] tensors (one per layer), got {type(attentions)}")
+    if len(attentions) == 0:
+        raise ValueError(f"{name} is empty; expected one [B, heads, N, N] tensor per attention layer")
+    first = None
+    for i, attn in enumerate(attentions):
+        if not isinstance(attn, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(attn).__name__}")
+        if attn.ndim != 4 or attn.shape[-1] != attn.shape[-2]:
+            raise ValueError(f"{name}[{i}] must be 4-D [B, heads, N, N], got shape {tuple(attn.shape)}")
+        if first is None:
+            first = attn.shape
+        elif attn.shape[0] != first[0] or attn.shape[-1] != first[-1]:
+            raise ValueError(
+                f"{name}[{i}] has shape {tuple(attn.shape)}, which does not match {name}[0] {tuple(first)}: "
+                "every layer needs the same batch size B and token count N"
+            )
+    assert first is not None
+    return first[0], first[-1]
+
+
+def _check_prefix(num_prefix_tokens: int, num_tokens: int) -> None:
+    if not isinstance(num_prefix_tokens, int) or isinstance(num_prefix_tokens, bool) or num_prefix_tokens < 0:
+        raise ValueError(f"num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
+    if num_prefix_tokens >= num_tokens:
+        raise ValueError(
+            f"num_prefix_tokens {num_prefix_tokens} leaves no patch tokens in attention over N={num_tokens} tokens"
+        )
+
+
+def _resolve_grid(num_patches: int, grid_size: int | Sequence[int] | None) -> tuple[int, int]:
+    if grid_size is None:
+        side = math.isqrt(num_patches)
+        if side * side != num_patches:
+            raise ValueError(
+                f"{num_patches} patch tokens fit no square grid; pass grid_size=(gh, gw) with gh * gw == {num_patches}"
+            )
+        return side, side
+    gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
+    if gh * gw != num_patches:
+        raise ValueError(f"grid_size {(gh, gw)} holds {gh * gw} tokens, but the attention has {num_patches} patch tokens")
+    return gh, gw
+
+
+def tokens_to_grid(
+    relevance: torch.Tensor, num_prefix_tokens: int = 1, grid_size: int | Sequence[int] | None = None
+) -> torch.Tensor:
+    """Turn a token-relevance matrix ``[B, N, N]`` into a patch map ``[B, gh, gw]``.
+
+    The map is row 0 (the class token) when ``num_prefix_tokens > 0``, else the mean of all rows, taken over
+    the patch-token columns ``num_prefix_tokens:`` and reshaped row-major to ``grid_size`` (square if ``None``).
+    """
+    batch, num_tokens = relevance.shape[0], relevance.shape[-1]
+    _check_prefix(num_prefix_tokens, num_tokens)
+    gh, gw = _resolve_grid(num_tokens - num_prefix_tokens, grid_size)
+    rows = relevance[:, 0] if num_prefix_tokens > 0 else relevance.mean(dim=1)  # B, N
+    return rows[:, num_prefix_tokens:].reshape(batch, gh, gw)
+
+
+def fuse_heads(attention: torch.Tensor, head_fusion: str = "mean") -> torch.Tensor:
+    """Fuse the heads of ``[B, H, N, N]`` attention into ``[B, N, N]`` by ``'mean'``, ``'max'`` or ``'min'``."""
+    if head_fusion == "mean":
+        return attention.mean(dim=1)
+    if head_fusion == "max":
+        return attention.amax(dim=1)
+    if head_fusion == "min":
+        return attention.amin(dim=1)
+    raise ValueError(f"head_fusion {head_fusion!r} is unknown; expected one of {HEAD_FUSIONS}")
+
+
+def attention_rollout(
+    attentions: Sequence[torch.Tensor],
+    num_prefix_tokens: int = 1,
+    head_fusion: str = "mean",
+    discard_ratio: float = 0.0,
+    grid_size: int | Sequence[int] | None = None,
+    start_layer: int = 0,
+) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema 2020, "Quantifying Attention Flow in Transformers").
+
+    ``attentions``: one ``[B, heads, N, N]`` tensor per layer, in block order. Per layer from ``start_layer``:
+    fuse heads (``head_fusion``); if ``discard_ratio > 0``, zero that fraction of the lowest entries of each row
+    outside the prefix-token columns; ``Â = 0.5·A + 0.5·I``; renormalize rows; ``R = Â_L ⋯ Â_start``. Returns
+    the raw (unnormalized) map ``[B, gh, gw]``: row 0 of ``R`` if ``num_prefix_tokens > 0``, else the mean of
+    all rows, over the patch-token columns (see :func:`tokens_to_grid`).
+    """
+    batch, num_tokens = check_attentions(attentions)
+    if head_fusion not in HEAD_FUSIONS:
+        raise ValueError(f"head_fusion {head_fusion!r} is unknown; expected one of {HEAD_FUSIONS}")
+    if not isinstance(discard_ratio, (int, float)) or not 0.0 <= discard_ratio < 1.0:
+        raise ValueError(f"discard_ratio must be a float in [0, 1), got {discard_ratio!r}")
+    if not isinstance(start_layer, int) or not -len(attentions) <= start_layer < len(attentions):
+        raise ValueError(f"start_layer {start_layer!r} is out of range for {len(attentions)} attention layers")
+    _check_prefix(num_prefix_tokens, num_tokens)
+    _resolve_grid(num_tokens - num_prefix_tokens, grid_size)  # fail before the work
+
+    first = attentions[0]
+    dtype = torch.promote_types(first.dtype, torch.float32)
+    eye = torch.eye(num_tokens, dtype=dtype, device=first.device)
+    num_discard = int(discard_ratio * (num_tokens - num_prefix_tokens))
+    rollout = eye.expand(batch, num_tokens, num_tokens)
+    for attn in attentions[start_layer:]:
+        fused = fuse_heads(attn.to(dtype), head_fusion)  # B, N, N
+        if num_discard > 0:
+            patches = fused[..., num_prefix_tokens:]
+            lowest = patches.topk(num_discard, dim=-1, largest=False).indices
+            patches = patches.scatter(-1, lowest, 0.0)
+            fused = torch.cat([fused[..., :num_prefix_tokens], patches], dim=-1)
+        fused = 0.5 * fused + 0.5 * eye
+        fused = fused / fused.sum(dim=-1, keepdim=True)
+        rollout = fused @ rollout
+    return tokens_to_grid(rollout, num_prefix_tokens, grid_size)
+
+
+def gradient_rollout(
+    attentions: Sequence[torch.Tensor],
+    gradients: Sequence[torch.Tensor],
+    num_prefix_tokens: int = 1,
+    grid_size: int | Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Gradient-weighted attention rollout (Chefer et al. 2021, "Generic Attention-model Explainability for
+    Interpreting Bi-Modal and Encoder-Decoder Transformers").
+
+    ``attentions`` and ``gradients`` (of the target logit w.r.t. each attention, see
+    :func:`vision_attn.explain.attention_gradients`): one ``[B, heads, N, N]`` tensor per layer, same shapes.
+    ``R = I``; per layer ``Ā = mean_heads(clamp(∇A ⊙ A, min=0))``, ``R = R + Ā @ R``. Returns the raw map
+    ``[B, gh, gw]`` read from ``R`` as in :func:`attention_rollout`.
+    """
+    batch, num_tokens = check_attentions(attentions)
+    check_attentions(gradients, name="gradients")
+    if len(gradients) != len(attentions):
+        raise ValueError(f"gradients has {len(gradients)} layers, but attentions has {len(attentions)}")
+    for i, (attn, grad) in enumerate(zip(attentions, gradients, strict=True)):
+        if attn.shape != grad.shape:
+            raise ValueError(
+                f"gradients[{i}] has shape {tuple(grad.shape)}, but attentions[{i}] has {tuple(attn.shape)}"
+            )
+    _check_prefix(num_prefix_tokens, num_tokens)
+    _resolve_grid(num_tokens - num_prefix_tokens, grid_size)
+
+    dtype = torch.promote_types(attentions[0].dtype, torch.float32)
+    rollout = torch.eye(num_tokens, dtype=dtype, device=attentions[0].device).expand(batch, num_tokens, num_tokens)
+    for attn, grad in zip(attentions, gradients, strict=True):
+        weighted = (grad.to(dtype) * attn.to(dtype)).clamp(min=0).mean(dim=1)  # B, N, N
+        rollout = rollout + weighted @ rollout
+    return tokens_to_grid(rollout, num_prefix_tokens, grid_size)
+
+
+def last_layer_attention(
+    attentions: Sequence[torch.Tensor],
+    num_prefix_tokens: int = 1,
+    head_fusion: str = "mean",
+    grid_size: int | Sequence[int] | None = None,
+    layer: int = -1,
+) -> torch.Tensor:
+    """Raw attention of one layer (default the last) as a map ``[B, gh, gw]``.
+
+    Heads fused by ``head_fusion``; the class-token row (or the mean of all rows without prefix tokens) over the
+    patch-token columns, as in Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words", Fig. 6.
+    """
+    check_attentions(attentions)
+    if not isinstance(layer, int) or not -len(attentions) <= layer < len(attentions):
+        raise ValueError(f"layer {layer!r} is out of range for {len(attentions)} attention layers")
+    if head_fusion not in HEAD_FUSIONS:
+        raise ValueError(f"head_fusion {head_fusion!r} is unknown; expected one of {HEAD_FUSIONS}")
+    return tokens_to_grid(fuse_heads(attentions[layer], head_fusion), num_prefix_tokens, grid_size)
