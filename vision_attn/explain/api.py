@@ -144,7 +144,9 @@ def explain(
     size = (images.shape[-2], images.shape[-1])
 
     if method in TOKEN_METHODS or method in CAM_METHODS:
-        num_prefix, grid = token_layout(model, size, options.pop("num_prefix_tokens", None), options.pop("grid_size", None))
+        num_prefix, grid = token_layout(
+            model, size, options.pop("num_prefix_tokens", None), options.pop("grid_size", None)
+        )
     if method == "rollout":
         attentions, _ = record_attentions(model, images)
         raw = attention_rollout(attentions, num_prefix_tokens=num_prefix, grid_size=grid, **options)

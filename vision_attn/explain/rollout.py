@@ -29,21 +29,19 @@ def check_attentions(attentions: Sequence[torch.Tensor], name: str = "attentions
         raise TypeError(f"{name} must be a list of [B, heads, N, N] tensors (one per layer), got {type(attentions)}")
     if len(attentions) == 0:
         raise ValueError(f"{name} is empty; expected one [B, heads, N, N] tensor per attention layer")
-    first = None
     for i, attn in enumerate(attentions):
         if not isinstance(attn, torch.Tensor):
             raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(attn).__name__}")
         if attn.ndim != 4 or attn.shape[-1] != attn.shape[-2]:
             raise ValueError(f"{name}[{i}] must be 4-D [B, heads, N, N], got shape {tuple(attn.shape)}")
-        if first is None:
-            first = attn.shape
-        elif attn.shape[0] != first[0] or attn.shape[-1] != first[-1]:
+    first = attentions[0].shape
+    for i, attn in enumerate(attentions):
+        if attn.shape[0] != first[0] or attn.shape[-1] != first[-1]:
             raise ValueError(
                 f"{name}[{i}] has shape {tuple(attn.shape)}, which does not match {name}[0] {tuple(first)}: "
                 "every layer needs the same batch size B and token count N"
             )
-    assert first is not None
-    return first[0], first[-1]
+    return attentions[0].shape[0], attentions[0].shape[-1]
 
 
 def _check_prefix(num_prefix_tokens: int, num_tokens: int) -> None:
@@ -65,7 +63,9 @@ def _resolve_grid(num_patches: int, grid_size: int | Sequence[int] | None) -> tu
         return side, side
     gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
     if gh * gw != num_patches:
-        raise ValueError(f"grid_size {(gh, gw)} holds {gh * gw} tokens, but the attention has {num_patches} patch tokens")
+        raise ValueError(
+            f"grid_size {(gh, gw)} holds {gh * gw} tokens, but the attention has {num_patches} patch tokens"
+        )
     return gh, gw
 
 
