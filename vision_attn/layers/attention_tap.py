@@ -7,6 +7,13 @@ module, and :class:`vision_attn.explain.AttentionRecorder` hooks that module:
   (non-fused) path, i.e. the post-softmax probabilities ``[B, heads, N, N]``;
 * anything else (CNN gates, spatial maps, conv-attention probabilities): the output of an
   :class:`AttentionTap` placed where the map is computed.
+
+timm's CNN attention modules are not edited and get no rule here: :mod:`vision_attn.layers.cnn_attn` wraps
+them in thin subclasses (same parameters and state-dict keys) that route their map through an
+:class:`AttentionTap` (SE / ECA / CBAM channel gates ``channel``; CBAM spatial and coordinate-attention gates
+``spatial``; non-local affinities ``attention``); :class:`vision_attn.layers.bot.BotAttention` (timm's
+``BottleneckAttn``) and :class:`vision_attn.layers.aa_conv.AugmentedConv2d` tap their probabilities
+(``attention``). These have no fused path, so taps fire on every forward.
 """
 
 from __future__ import annotations
