@@ -44,8 +44,24 @@ POS_EMBEDS = ("learn", "sincos", "none")
 class VisionTransformer(nn.Module):
     """Vision Transformer whose state dict matches timm's ``VisionTransformer`` for the same arguments.
 
-    ``forward(x: [B, in_chans, H, W]) -> [B, num_classes]``. ``global_pool`` is ``'token'`` (class token),
-    ``'avg'`` (mean of patch tokens), ``'seq'`` (CCT sequence pooling) or ``''`` (no pooling).
+    ``forward(x: [B, in_chans, H, W]) -> [B, num_classes]``.
+
+    Args (timm's names and meanings unless noted):
+        img_size, patch_size, in_chans: input geometry; H and W must be multiples of the embed layer's stride.
+        num_classes: classifier outputs (0: no head, ``forward`` returns pooled features).
+        global_pool: ``'token'`` (class token), ``'avg'`` (mean of patch tokens), ``'seq'`` (CCT sequence
+            pooling) or ``''`` (no pooling).
+        embed_dim, depth, num_heads, mlp_ratio, qkv_bias, qk_norm: transformer width, blocks, heads, MLP size.
+        init_values: LayerScale initial value (None disables LayerScale).
+        class_token, reg_tokens: prefix tokens (``num_prefix_tokens = class_token + reg_tokens``).
+        pos_embed: ``'learn'``, ``'sincos'`` (fixed 2-D sin-cos) or ``'none'``.
+        no_embed_class: position embeddings cover patch tokens only (DeiT-3 style).
+        fc_norm: norm after pooling instead of before (default: only for ``'avg'``).
+        dynamic_img_size: accept any (divisible) input size, resampling position embeddings on the fly.
+        drop_rate, pos_drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate: dropout and stochastic depth.
+        embed_layer, embed_args: tokenizer class (``PatchEmbed``, ``ShiftedPatchEmbed``, ``ConvTokenizer``) and
+            its extra keyword arguments (vision_attn addition, YAML-friendly).
+        norm_layer, act_layer, attn_layer, block_fn, mlp_layer: module constructors to swap parts.
     """
 
     def __init__(
@@ -113,8 +129,6 @@ class VisionTransformer(nn.Module):
         else:  # a fixed sin-cos table is a frozen parameter so the state dict keeps timm's keys
             self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, embed_dim), requires_grad=pos_embed == "learn")
         self.pos_drop = nn.Dropout(pos_drop_rate)
-        self.patch_drop = nn.Identity()
-        self.norm_pre = nn.Identity()
 
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth decay rule
         self.blocks = nn.Sequential(
