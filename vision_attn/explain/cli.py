@@ -1,0 +1,340 @@
+"""``vision-attn explain``: overlays, an image x method grid and a JSON of per-image scores for image files.
+
+Examples::
+
+    vision-attn explain --checkpoint runs/vit/last.ckpt --images img1.png img_dir/ --method rollout gradcam --out out/
+    vision-attn explain --model vit_tiny_patch16_224 --weights vit.safetensors --images cat.jpg --out out/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vision_attn.explain._common import upsample_maps
+from vision_attn.explain.api import METHODS, TOKEN_METHODS, explain
+from vision_attn.explain.capture import AttentionRecorder
+
+__all__ = ["build_parser", "load_images", "load_model", "main"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of ``vision-attn explain``."""
+    parser = argparse.ArgumentParser(
+        prog="vision-attn explain",
+        description="Write attention-map overlays, an image x method grid (grid.png) and per-image scores "
+        "(scores.json) for image files.",
+    )
+    source = parser.add_argument_group("model (one or more; each --checkpoint/--model adds one)")
+    source.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="Lightning checkpoint from train.py (.ckpt) or exported weights (.safetensors + .json)",
+    )
+    source.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="vision_attn or timm model name (random weights unless --weights)",
+    )
+    source.add_argument(
+        "--weights",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="weights file for the --model of the same position",
+    )
+    source.add_argument(
+        "--model-args",
+        default="{}",
+        metavar="JSON",
+        help='keyword arguments for --model, e.g. \'{"num_classes": 10, "in_chans": 1}\'',
+    )
+    parser.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files or folders")
+    parser.add_argument(
+        "--method",
+        nargs="+",
+        default=["rollout"],
+        choices=METHODS,
+        metavar="M",
+        help=f"one or more of {', '.join(METHODS)} (default: rollout)",
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--target", type=int, default=None, help="class to explain (default: the predicted one)")
+    parser.add_argument(
+        "--boxes",
+        default=None,
+        metavar="JSON",
+        help="JSON {image file name: [x_min, y_min, x_max, y_max]} to add pointing-game scores",
+    )
+    parser.add_argument("--mean", type=float, nargs="+", default=None, help="input normalization mean")
+    parser.add_argument("--std", type=float, nargs="+", default=None, help="input normalization std")
+    parser.add_argument("--steps", type=int, default=16, help="deletion/insertion steps (0: skip them)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    parser.add_argument("--cmap", default="jet", help="matplotlib colormap")
+    parser.add_argument("--device", default="cpu")
+    return parser  # fmt: skip
+
+
+def _find_model_name(hparams: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """Find ``(model_name, model_args)`` in Lightning hyper-parameters (flat or nested under a model key)."""
+    for key in ("model_name", "model", "backbone", "arch"):
+        value = hparams.get(key)
+        if isinstance(value, str):
+            args = hparams.get("model_args") or hparams.get("model_kwargs") or {}
+            return value, dict(args)
+        if isinstance(value, dict):
+            name, args = _find_model_name(value)
+            if name is not None:
+                return name, args
+    init = hparams.get("init_args")
+    return _find_model_name(init) if isinstance(init, dict) else (None, {})
+
+
+def _strip_prefix(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    own = set(model.state_dict())
+    for prefix in ("model.", "net.", "backbone.", "module.", ""):
+        stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if stripped and own <= set(stripped):
+            return {k: v for k, v in stripped.items() if k in own}
+    raise ValueError(
+        f"the checkpoint's state_dict does not hold the weights of {type(model).__name__} "
+        f"(first keys: {list(state)[:5]})"
+    )
+
+
+def load_model(
+    checkpoint: str | os.PathLike | None = None,
+    model_name: str | None = None,
+    weights: str | os.PathLike | None = None,
+    model_args: dict[str, Any] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Build a model in eval mode from a train.py checkpoint or a model name; returns ``(model, info)``.
+
+    ``info`` holds ``name`` and, where the checkpoint or the model's pretrained config says, ``mean``, ``std``,
+    ``input_size`` and ``class_names``.
+    """
+    import timm
+
+    import vision_attn
+
+    model_args = dict(model_args or {})
+    info: dict[str, Any] = {}
+    if checkpoint is not None:
+        path = os.fspath(checkpoint)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint {path!r} does not exist or is not a file")
+        if path.endswith(".safetensors"):
+            meta_path = os.path.splitext(path)[0] + ".json"
+            meta = json.loads(Path(meta_path).read_text()) if os.path.isfile(meta_path) else {}
+            name = meta.get("model_name") or meta.get("model")
+            if not isinstance(name, str):
+                raise ValueError(f"{meta_path!r} must exist and name the model ('model_name') for {path!r}")
+            model = vision_attn.create_model(name, checkpoint_path=path, **model_args)
+            info.update({k: meta[k] for k in ("mean", "std", "class_names") if k in meta})
+        else:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+                raise ValueError(f"checkpoint {path!r} is not a Lightning checkpoint (no 'state_dict')")
+            hparams = dict(ckpt.get("hyper_parameters") or {})
+            name, args = _find_model_name(hparams)
+            if name is None:
+                raise ValueError(f"checkpoint {path!r} names no model in its hyper-parameters {sorted(hparams)}")
+            model = timm.create_model(name, **{**args, **model_args})
+            model.load_state_dict(_strip_prefix(ckpt["state_dict"], model))
+            data = {**hparams, **dict(ckpt.get("datamodule_hyper_parameters") or {})}
+            info.update({k: data[k] for k in ("mean", "std", "class_names") if k in data})
+        info["name"] = name
+    elif model_name is not None:
+        if model_name in vision_attn.list_models():
+            model = vision_attn.create_model(model_name, checkpoint_path=weights, **model_args)
+        else:
+            model = timm.create_model(model_name, **model_args)
+            if weights is not None:
+                vision_attn.load_checkpoint(model, weights)
+        info["name"] = model_name
+    else:
+        raise ValueError("give a --checkpoint PATH or a --model NAME")
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    info.setdefault("mean", cfg.get("mean"))
+    info.setdefault("std", cfg.get("std"))
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None and getattr(patch_embed, "img_size", None) is not None:
+        info["input_size"] = tuple(int(s) for s in patch_embed.img_size)
+    elif cfg.get("input_size"):
+        info["input_size"] = tuple(cfg["input_size"][-2:])
+    return model.eval(), info
+
+
+def _image_paths(paths: Sequence[str]) -> list[Path]:
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise FileNotFoundError(f"--images entry {str(p)!r} is neither a file nor a folder")
+    if not found:
+        raise ValueError(f"--images {list(paths)} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return found
+
+
+def load_images(
+    paths: Sequence[Path],
+    in_chans: int,
+    size: tuple[int, int] | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+) -> torch.Tensor:
+    """Read image files as a normalized float batch ``[B, in_chans, H, W]`` resized (bilinear) to ``size``."""
+    import numpy as np
+    from PIL import Image
+
+    if in_chans not in (1, 3):
+        raise ValueError(f"in_chans must be 1 or 3 to read image files, got {in_chans}")
+    tensors = []
+    for path in paths:
+        with Image.open(path) as img:
+            img = img.convert("L" if in_chans == 1 else "RGB")
+            if size is not None and img.size != (size[1], size[0]):
+                img = img.resize((size[1], size[0]), Image.BILINEAR)
+            arr = np.asarray(img, dtype=np.float32) / 255.0
+        tensors.append(torch.from_numpy(arr).reshape(*arr.shape[:2], -1).permute(2, 0, 1))
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) > 1:
+        raise ValueError(f"images have different sizes {sorted(shapes)}; the model needs one size (give --img-size)")
+    batch = torch.stack(tensors)
+    if mean is not None and std is not None:
+        mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)[:in_chans]
+        std_t = torch.as_tensor(std, dtype=torch.float32).reshape(-1)[:in_chans]
+        batch = (batch - mean_t[:, None, None]) / std_t[:, None, None]
+    return batch
+
+
+def _in_chans(model: nn.Module) -> int:
+    from vision_attn.explain._common import _in_chans as find
+
+    return find(model) or 3
+
+
+def _applies(model: nn.Module, method: str) -> bool:
+    recorder = AttentionRecorder(model)
+    if method in TOKEN_METHODS:
+        return recorder.has_token_attention
+    if method == "spatial":
+        return "spatial" in recorder.kinds.values()
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``vision-attn explain``; returns the exit code (0 on success, 2 on bad arguments)."""
+    from vision_attn.explain.metrics import deletion_auc, energy_pointing, insertion_auc, pointing_game
+    from vision_attn.explain.plot import method_grid, save_overlay
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        model_args = json.loads(args.model_args)
+        sources: list[tuple[str | None, str | None, str | None]] = [(c, None, None) for c in args.checkpoint]
+        if len(args.weights) > len(args.model):
+            raise ValueError(f"{len(args.weights)} --weights for {len(args.model)} --model")
+        weights = args.weights + [None] * (len(args.model) - len(args.weights))
+        sources += [(None, m, w) for m, w in zip(args.model, weights, strict=True)]
+        if not sources:
+            raise ValueError("give a --checkpoint PATH or a --model NAME")
+        paths = _image_paths(args.images)
+        boxes_by_name = json.loads(Path(args.boxes).read_text()) if args.boxes else {}
+        if args.mean is not None and args.std is not None and len(args.mean) != len(args.std):
+            raise ValueError(f"--mean {args.mean} and --std {args.std} need the same length")
+    except (ValueError, FileNotFoundError, json.JSONDecodeError) as err:
+        parser.error(str(err))
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    boxes = None
+    if boxes_by_name:
+        missing = [p.name for p in paths if p.name not in boxes_by_name]
+        if missing:
+            parser.error(f"--boxes has no box for {missing}")
+        boxes = torch.tensor([boxes_by_name[p.name] for p in paths], dtype=torch.float32)
+
+    records: list[dict[str, Any]] = [{"image": str(p), "models": {}} for p in paths]
+    grid_maps: dict[str, torch.Tensor] = {}
+    first_images: torch.Tensor | None = None
+    display = (None, None)
+    for index, (checkpoint, model_name, weight_file) in enumerate(sources):
+        model, info = load_model(checkpoint, model_name, weight_file, model_args)
+        model.to(device)
+        mean = args.mean if args.mean is not None else info.get("mean")
+        std = args.std if args.std is not None else info.get("std")
+        images = load_images(paths, _in_chans(model), info.get("input_size"), mean, std).to(device)
+        if first_images is None:
+            first_images, display = images.cpu(), (mean, std)
+        label = info["name"] if len(sources) == 1 else f"{index}:{info['name']}"
+        methods = [m for m in args.method if len(sources) == 1 or _applies(model, m)]
+        with torch.no_grad():
+            logits = torch.cat([model(chunk) for chunk in images.split(args.batch_size)])
+        probs = logits.softmax(dim=-1)
+        names = list(info.get("class_names") or [])
+        for i, rec in enumerate(records):
+            pred = int(probs[i].argmax())
+            rec["models"][label] = {
+                "prediction": pred,
+                "class_name": names[pred] if pred < len(names) else None,
+                "probability": float(probs[i, pred]),
+                "scores": {},
+            }
+        for method in methods:
+            maps = torch.cat(
+                [explain(model, chunk, method=method, target=args.target) for chunk in images.split(args.batch_size)]
+            )
+            column = method if len(sources) == 1 else f"{label}:{method}"
+            grid_maps[column] = upsample_maps(maps.cpu(), tuple(first_images.shape[-2:]))
+            scores: dict[str, torch.Tensor] = {}
+            if args.steps > 0:
+                scores["deletion_auc"] = deletion_auc(model, images, maps, args.target, steps=args.steps)
+                scores["insertion_auc"] = insertion_auc(model, images, maps, args.target, steps=args.steps)
+            if boxes is not None:
+                scores["pointing_game"] = pointing_game(maps.cpu(), boxes)
+                scores["energy_pointing"] = energy_pointing(maps.cpu(), boxes)
+            for i, (path, rec) in enumerate(zip(paths, records, strict=True)):
+                rec["models"][label]["scores"][method] = {k: float(v[i]) for k, v in scores.items()}
+                save_overlay(
+                    out / f"{path.stem}_{column.replace(':', '_')}.png",
+                    images[i].cpu(),
+                    maps[i].cpu(),
+                    cmap=args.cmap,
+                    alpha=args.alpha,
+                    mean=mean,
+                    std=std,
+                )
+    if first_images is not None and grid_maps:
+        method_grid(
+            first_images,
+            grid_maps,
+            out / "grid.png",
+            row_titles=[p.stem for p in paths],
+            boxes=boxes,
+            cmap=args.cmap,
+            alpha=args.alpha,
+            mean=display[0],
+            std=display[1],
+        )
+    (out / "scores.json").write_text(json.dumps({"methods": list(args.method), "images": records}, indent=2))
+    print(f"wrote {len(paths)} images x {len(grid_maps)} maps to {out}/ (grid.png, scores.json, overlays)")
+    return 0

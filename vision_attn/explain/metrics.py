@@ -1,0 +1,180 @@
+"""Scores for saliency maps, batched: localisation against boxes and faithfulness by deletion / insertion.
+
+Maps are ``[B, H, W]`` at image resolution (as :func:`vision_attn.explain.explain` returns); boxes are
+``[B, 4]`` ``(x_min, y_min, x_max, y_max)`` in pixels with the max exclusive (the embedded dataset's format).
+Every function returns one score per image, ``[B]``; :func:`random_maps` is the random-map baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vision_attn.explain._common import resolve_targets
+
+__all__ = [
+    "SUBSTRATES",
+    "box_masks",
+    "deletion_auc",
+    "energy_pointing",
+    "insertion_auc",
+    "pointing_game",
+    "random_maps",
+]
+
+SUBSTRATES = ("zero", "blur", "mean")
+
+
+def _check_maps(maps: torch.Tensor, name: str = "maps") -> None:
+    if not isinstance(maps, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor [B, H, W], got {type(maps).__name__}")
+    if maps.ndim != 3:
+        raise ValueError(f"{name} must be 3-D [B, H, W], got shape {tuple(maps.shape)}")
+
+
+def box_masks(boxes: torch.Tensor | Sequence[Sequence[float]], size: tuple[int, int]) -> torch.Tensor:
+    """Return boolean masks ``[B, H, W]``, True inside each box ``(x_min, y_min, x_max, y_max)`` (max exclusive)."""
+    boxes = torch.as_tensor(boxes, dtype=torch.float32)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must be [B, 4] (x_min, y_min, x_max, y_max), got shape {tuple(boxes.shape)}")
+    if bool((boxes[:, 2] <= boxes[:, 0]).any() | (boxes[:, 3] <= boxes[:, 1]).any()):
+        raise ValueError(f"boxes need x_max > x_min and y_max > y_min, got {boxes.tolist()}")
+    height, width = size
+    ys = torch.arange(height, dtype=torch.float32)[None, :, None]
+    xs = torch.arange(width, dtype=torch.float32)[None, None, :]
+    x0, y0, x1, y1 = (boxes[:, i, None, None] for i in range(4))
+    return (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
+
+
+def _masks_for(maps: torch.Tensor, boxes: torch.Tensor | Sequence[Sequence[float]]) -> torch.Tensor:
+    _check_maps(maps)
+    masks = box_masks(boxes, tuple(maps.shape[-2:])).to(maps.device)
+    if masks.shape[0] != maps.shape[0]:
+        raise ValueError(f"boxes has {masks.shape[0]} rows for {maps.shape[0]} maps; give one box per map")
+    return masks
+
+
+def pointing_game(
+    maps: torch.Tensor, boxes: torch.Tensor | Sequence[Sequence[float]], tolerance: int = 0
+) -> torch.Tensor:
+    """Pointing game (Zhang et al. 2016, "Top-down Neural Attention by Excitation Backprop"): ``[B]`` of 0/1.
+
+    1 where the map's maximum (the first one, in row-major order) lies inside the box grown by ``tolerance``
+    pixels on each side.
+    """
+    if not isinstance(tolerance, int) or tolerance < 0:
+        raise ValueError(f"tolerance must be an int >= 0 (pixels), got {tolerance!r}")
+    boxes = torch.as_tensor(boxes, dtype=torch.float32)
+    grown = boxes + torch.tensor([-tolerance, -tolerance, tolerance, tolerance], dtype=torch.float32)
+    masks = _masks_for(maps, grown)
+    peak = maps.flatten(1).argmax(dim=1)
+    return masks.flatten(1).gather(1, peak[:, None])[:, 0].float()
+
+
+def energy_pointing(maps: torch.Tensor, boxes: torch.Tensor | Sequence[Sequence[float]]) -> torch.Tensor:
+    """Energy-based pointing game (Wang et al. 2020, "Score-CAM"): share of map mass inside the box, ``[B]``.
+
+    Negative values are clipped to 0; an all-zero map counts as uniform (its score is the box's area share).
+    """
+    masks = _masks_for(maps, boxes)
+    mass = maps.float().clamp(min=0).flatten(1)
+    total = mass.sum(dim=1)
+    mass = torch.where(total[:, None] > 0, mass, torch.ones_like(mass))
+    return (mass * masks.flatten(1)).sum(dim=1) / mass.sum(dim=1)
+
+
+def random_maps(
+    batch_size: int, size: tuple[int, int], grid_size: tuple[int, int] | None = None, seed: int = 0
+) -> torch.Tensor:
+    """Random-map baseline ``[B, H, W]`` in [0, 1]: uniform noise per pixel, or per cell of ``grid_size``."""
+    generator = torch.Generator().manual_seed(seed)
+    cells = tuple(size) if grid_size is None else tuple(grid_size)
+    maps = torch.rand((batch_size, *cells), generator=generator)
+    if cells != tuple(size):
+        maps = F.interpolate(maps[:, None], size=tuple(size), mode="nearest")[:, 0]
+    return maps
+
+
+def _substrate(images: torch.Tensor, substrate: str) -> torch.Tensor:
+    if substrate == "zero":
+        return torch.zeros_like(images)
+    if substrate == "mean":
+        return images.mean(dim=(2, 3), keepdim=True).expand_as(images)
+    if substrate == "blur":  # RISE's insertion substrate: a strong Gaussian blur (sigma ~ 1/8 of the image side)
+        from torchvision.transforms.functional import gaussian_blur
+
+        sigma = max(images.shape[-1], images.shape[-2]) / 8
+        kernel = int(2 * round(3 * sigma) + 1)
+        return gaussian_blur(images, [kernel, kernel], [sigma, sigma])
+    raise ValueError(f"substrate {substrate!r} is unknown; expected one of {SUBSTRATES}")
+
+
+def _causal_auc(
+    model: nn.Module,
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    target: int | Sequence[int] | torch.Tensor | None,
+    steps: int,
+    start: torch.Tensor,
+    finish: torch.Tensor,
+    batch_size: int,
+) -> torch.Tensor:
+    _check_maps(maps)
+    if images.ndim != 4 or maps.shape[0] != images.shape[0] or maps.shape[-2:] != images.shape[-2:]:
+        raise ValueError(
+            f"maps {tuple(maps.shape)} must be [B, H, W] for images {tuple(images.shape)} of the same B, H, W"
+        )
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    batch, num_pixels = images.shape[0], maps.shape[-1] * maps.shape[-2]
+    # rank 0 = most salient pixel; at step k the pixels with rank < k * num_pixels / steps are switched
+    order = maps.flatten(1).argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(num_pixels, device=order.device).expand_as(order))
+    rank = rank.view(batch, 1, *maps.shape[-2:]).to(images.device)
+    with torch.no_grad():
+        targets = resolve_targets(target, torch.cat([model(chunk) for chunk in images.split(batch_size)]))
+        curve = []
+        for k in range(steps + 1):
+            perturbed = torch.where(rank < round(k * num_pixels / steps), finish, start)
+            probs = torch.cat([model(chunk).softmax(dim=-1) for chunk in perturbed.split(batch_size)])
+            curve.append(probs.gather(1, targets[:, None])[:, 0])
+    return torch.trapezoid(torch.stack(curve, dim=1), dx=1.0 / steps, dim=1)
+
+
+def deletion_auc(
+    model: nn.Module,
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    target: int | Sequence[int] | torch.Tensor | None = None,
+    steps: int = 16,
+    substrate: str = "zero",
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Deletion AUC (Petsiuk et al. 2018, "RISE"), ``[B]``; lower is better.
+
+    Pixels are replaced by ``substrate`` (``'zero'``, ``'mean'``, ``'blur'``) in order of decreasing saliency in
+    ``steps`` equal steps; the score is the area under the target-class softmax probability curve over the
+    deleted fraction [0, 1] (trapezoidal). ``target``: ``None`` = the class predicted on the intact image.
+    Runs the model on ``B * (steps + 1)`` images, ``batch_size`` at a time, without gradients.
+    """
+    return _causal_auc(model, images, maps, target, steps, images, _substrate(images, substrate), batch_size)
+
+
+def insertion_auc(
+    model: nn.Module,
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    target: int | Sequence[int] | torch.Tensor | None = None,
+    steps: int = 16,
+    substrate: str = "blur",
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Insertion AUC (Petsiuk et al. 2018, "RISE"), ``[B]``; higher is better.
+
+    Starts from ``substrate`` (default a blurred copy) and inserts the image's pixels in order of decreasing
+    saliency; otherwise as :func:`deletion_auc`.
+    """
+    return _causal_auc(model, images, maps, target, steps, _substrate(images, substrate), images, batch_size)
