@@ -161,9 +161,9 @@ def test_cli_model_name_writes_overlays_grid_and_scores(tmp_path: Path) -> None:
 def test_cli_lightning_checkpoint_matches_model(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = vision_attn.create_model("va_vit_tiny_patch4_32", depth=1, num_classes=3).eval()
-    ckpt = {
-        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-        "hyper_parameters": {"model_name": "va_vit_tiny_patch4_32", "model_args": {"depth": 1, "num_classes": 3}},
+    ckpt = {  # the layout train.py writes (ImageClassifier.net + on_save_checkpoint)
+        "state_dict": {f"net.{k}": v for k, v in model.state_dict().items()},
+        "vision_attn": {"model_name": "va_vit_tiny_patch4_32", "model_args": {"depth": 1, "num_classes": 3}},
     }
     torch.save(ckpt, tmp_path / "last.ckpt")
     paths = _write_images(tmp_path / "imgs", 1, 32)
@@ -187,3 +187,16 @@ def test_cli_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     with pytest.raises(SystemExit):
         explain_main(["--images", "a.png", "--out", str(tmp_path), "--method", "saliency"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_cli_dataset_split_with_boxes(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["--model", "va_vit_tiny_patch8_64", "--model-args", '{"depth": 1, "num_classes": 10, "in_chans": 1}']
+    args += ["--dataset", "cluttered_fashion_mnist:test", "--limit", "3", "--method", "rollout", "random"]
+    assert explain_main([*args, "--out", str(out), "--steps", "2", "--no-overlays"]) == 0
+    result = json.loads((out / "scores.json").read_text())
+    assert len(result["images"]) == 3
+    assert set(result["summary"]) == {"rollout", "random"}
+    assert set(result["summary"]["random"]) == {"pointing_game", "energy_pointing", "deletion_auc", "insertion_auc"}
+    assert (out / "grid.png").is_file()
+    assert not (out / "test_0000_rollout.png").exists()

@@ -4,6 +4,7 @@ Examples::
 
     vision-attn explain --checkpoint runs/vit/last.ckpt --images img1.png img_dir/ --method rollout gradcam --out out/
     vision-attn explain --model vit_tiny_patch16_224 --weights vit.safetensors --images cat.jpg --out out/
+    vision-attn explain --checkpoint last.ckpt --dataset cluttered_fashion_mnist:test --no-overlays --out out/
 """
 
 from __future__ import annotations
@@ -62,7 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="JSON",
         help='keyword arguments for --model, e.g. \'{"num_classes": 10, "in_chans": 1}\'',
     )
-    parser.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files or folders")
+    parser.add_argument("--images", nargs="+", default=None, metavar="PATH", help="image files or folders")
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        metavar="NAME[:SPLIT]",
+        help="instead of --images: the embedded dataset, 'cluttered_fashion_mnist:test' (with boxes)",
+    )
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N dataset images")
     parser.add_argument(
         "--method",
         nargs="+",
@@ -82,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mean", type=float, nargs="+", default=None, help="input normalization mean")
     parser.add_argument("--std", type=float, nargs="+", default=None, help="input normalization std")
     parser.add_argument("--steps", type=int, default=16, help="deletion/insertion steps (0: skip them)")
+    parser.add_argument("--grid-images", type=int, default=8, help="rows of grid.png (first N images)")
+    parser.add_argument("--no-overlays", action="store_true", help="write no per-image overlay PNGs")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     parser.add_argument("--cmap", default="jet", help="matplotlib colormap")
@@ -106,7 +116,7 @@ def _find_model_name(hparams: dict[str, Any]) -> tuple[str | None, dict[str, Any
 
 def _strip_prefix(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     own = set(model.state_dict())
-    for prefix in ("model.", "net.", "backbone.", "module.", ""):
+    for prefix in ("ema.module.", "net.", "model.", "backbone.", "module.", ""):
         stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if stripped and own <= set(stripped):
             return {k: v for k, v in stripped.items() if k in own}
@@ -114,6 +124,18 @@ def _strip_prefix(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str,
         f"the checkpoint's state_dict does not hold the weights of {type(model).__name__} "
         f"(first keys: {list(state)[:5]})"
     )
+
+
+def _build(name: str, **kwargs: Any) -> nn.Module:
+    import timm
+
+    import vision_attn
+
+    if name in vision_attn.list_models():
+        return vision_attn.create_model(name, **kwargs)
+    if not timm.is_model(name):
+        raise ValueError(f"model {name!r} is neither a vision_attn model nor a timm model (timm.list_models())")
+    return timm.create_model(name, **kwargs)
 
 
 def load_model(
@@ -124,11 +146,10 @@ def load_model(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Build a model in eval mode from a train.py checkpoint or a model name; returns ``(model, info)``.
 
-    ``info`` holds ``name`` and, where the checkpoint or the model's pretrained config says, ``mean``, ``std``,
+    Checkpoints from ``train.py`` use the EMA weights when they have them (as the export does). ``info`` holds
+    ``name`` and, where the checkpoint or the model's pretrained config says, ``mean``, ``std``,
     ``input_size`` and ``class_names``.
     """
-    import timm
-
     import vision_attn
 
     model_args = dict(model_args or {})
@@ -146,23 +167,30 @@ def load_model(
             model = vision_attn.create_model(name, checkpoint_path=path, **model_args)
             info.update({k: meta[k] for k in ("mean", "std", "class_names") if k in meta})
         else:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)  # a Lightning checkpoint: trusted
             if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
                 raise ValueError(f"checkpoint {path!r} is not a Lightning checkpoint (no 'state_dict')")
-            hparams = dict(ckpt.get("hyper_parameters") or {})
-            name, args = _find_model_name(hparams)
-            if name is None:
-                raise ValueError(f"checkpoint {path!r} names no model in its hyper-parameters {sorted(hparams)}")
-            model = timm.create_model(name, **{**args, **model_args})
+            saved = ckpt.get("vision_attn")  # written by train.py: model name/args, data stats and classes
+            if isinstance(saved, dict) and isinstance(saved.get("model_name"), str):
+                name, args = saved["model_name"], dict(saved.get("model_args") or {})
+                data = dict(saved)
+            else:
+                hparams = dict(ckpt.get("hyper_parameters") or {})
+                name, args = _find_model_name(hparams)
+                if name is None:
+                    raise ValueError(f"checkpoint {path!r} names no model (keys {sorted(ckpt)})")
+                data = {**hparams, **dict(ckpt.get("datamodule_hyper_parameters") or {})}
+            model = _build(name, **{**args, **model_args})
             model.load_state_dict(_strip_prefix(ckpt["state_dict"], model))
-            data = {**hparams, **dict(ckpt.get("datamodule_hyper_parameters") or {})}
-            info.update({k: data[k] for k in ("mean", "std", "class_names") if k in data})
+            if "classes" in data and "class_names" not in data:
+                data["class_names"] = data["classes"]
+            info.update({k: data[k] for k in ("mean", "std", "class_names") if data.get(k) is not None})
         info["name"] = name
     elif model_name is not None:
         if model_name in vision_attn.list_models():
             model = vision_attn.create_model(model_name, checkpoint_path=weights, **model_args)
         else:
-            model = timm.create_model(model_name, **model_args)
+            model = _build(model_name, **model_args)
             if weights is not None:
                 vision_attn.load_checkpoint(model, weights)
         info["name"] = model_name
@@ -225,6 +253,30 @@ def load_images(
     return batch
 
 
+def load_dataset_images(
+    spec: str, limit: int | None, in_chans: int, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> tuple[torch.Tensor, list[str], torch.Tensor, torch.Tensor]:
+    """Load ``spec`` = ``'cluttered_fashion_mnist[:test|train]'`` as ``(images, names, boxes [B, 4], labels)``.
+
+    Images are normalized by ``mean``/``std`` (default: the dataset's) and repeated to ``in_chans``.
+    """
+    from vision_attn.data.cluttered import ClutteredFashionMNIST
+
+    name, _, split = spec.partition(":")
+    if name != "cluttered_fashion_mnist":
+        raise ValueError(f"--dataset {spec!r} is unknown; expected 'cluttered_fashion_mnist[:test|train]'")
+    data = ClutteredFashionMNIST(split or "test")
+    count = len(data) if limit is None else min(limit, len(data))
+    images = torch.from_numpy(data.images[:count]).float().div(255)[:, None]
+    mean = mean if mean is not None else [data.meta["mean"]]
+    std = std if std is not None else [data.meta["std"]]
+    images = (images - mean[0]) / std[0]
+    images = images.expand(-1, in_chans, -1, -1).contiguous()
+    names = [f"{split or 'test'}_{i:04d}" for i in range(count)]
+    boxes = torch.as_tensor(data.boxes[:count], dtype=torch.float32)
+    return images, names, boxes, torch.as_tensor(data.targets[:count])
+
+
 def _in_chans(model: nn.Module) -> int:
     from vision_attn.explain._common import _in_chans as find
 
@@ -240,6 +292,14 @@ def _applies(model: nn.Module, method: str) -> bool:
     return True
 
 
+def _markdown_table(summary: dict[str, dict[str, float]]) -> str:
+    metrics = sorted({k for row in summary.values() for k in row})
+    lines = ["| method | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for column, row in summary.items():
+        lines.append(f"| {column} | " + " | ".join(f"{row[k]:.3f}" if k in row else "" for k in metrics) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``vision-attn explain``; returns the exit code (0 on success, 2 on bad arguments)."""
     from vision_attn.explain.metrics import deletion_auc, energy_pointing, insertion_auc, pointing_game
@@ -248,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if (args.images is None) == (args.dataset is None):
+            raise ValueError("give exactly one of --images PATH... or --dataset NAME[:SPLIT]")
         model_args = json.loads(args.model_args)
         sources: list[tuple[str | None, str | None, str | None]] = [(c, None, None) for c in args.checkpoint]
         if len(args.weights) > len(args.model):
@@ -256,8 +318,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sources += [(None, m, w) for m, w in zip(args.model, weights, strict=True)]
         if not sources:
             raise ValueError("give a --checkpoint PATH or a --model NAME")
-        paths = _image_paths(args.images)
+        paths = _image_paths(args.images) if args.images is not None else []
         boxes_by_name = json.loads(Path(args.boxes).read_text()) if args.boxes else {}
+        missing = [p.name for p in paths if boxes_by_name and p.name not in boxes_by_name]
+        if missing:
+            raise ValueError(f"--boxes has no box for {missing}")
         if args.mean is not None and args.std is not None and len(args.mean) != len(args.std):
             raise ValueError(f"--mean {args.mean} and --std {args.std} need the same length")
     except (ValueError, FileNotFoundError, json.JSONDecodeError) as err:
@@ -266,75 +331,70 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
-    boxes = None
-    if boxes_by_name:
-        missing = [p.name for p in paths if p.name not in boxes_by_name]
-        if missing:
-            parser.error(f"--boxes has no box for {missing}")
-        boxes = torch.tensor([boxes_by_name[p.name] for p in paths], dtype=torch.float32)
-
-    records: list[dict[str, Any]] = [{"image": str(p), "models": {}} for p in paths]
+    records: list[dict[str, Any]] = []
     grid_maps: dict[str, torch.Tensor] = {}
-    first_images: torch.Tensor | None = None
-    display = (None, None)
+    summary: dict[str, dict[str, float]] = {}
+    shown: torch.Tensor | None = None
+    display: tuple[Any, Any] = (None, None)
+    boxes = torch.tensor([boxes_by_name[p.name] for p in paths], dtype=torch.float32) if boxes_by_name else None
     for index, (checkpoint, model_name, weight_file) in enumerate(sources):
         model, info = load_model(checkpoint, model_name, weight_file, model_args)
         model.to(device)
         mean = args.mean if args.mean is not None else info.get("mean")
         std = args.std if args.std is not None else info.get("std")
-        images = load_images(paths, _in_chans(model), info.get("input_size"), mean, std).to(device)
-        if first_images is None:
-            first_images, display = images.cpu(), (mean, std)
+        if args.dataset is not None:
+            images, names, boxes, _ = load_dataset_images(args.dataset, args.limit, _in_chans(model), mean, std)
+        else:
+            images = load_images(paths, _in_chans(model), info.get("input_size"), mean, std)
+            names = [p.stem for p in paths]
+        images = images.to(device)
+        if not records:
+            records = [{"image": name, "models": {}} for name in names]
+        if shown is None:
+            shown, display = images[: args.grid_images].cpu(), (mean, std)
         label = info["name"] if len(sources) == 1 else f"{index}:{info['name']}"
-        methods = [m for m in args.method if len(sources) == 1 or _applies(model, m)]
         with torch.no_grad():
             logits = torch.cat([model(chunk) for chunk in images.split(args.batch_size)])
         probs = logits.softmax(dim=-1)
-        names = list(info.get("class_names") or [])
+        class_names = list(info.get("class_names") or [])
         for i, rec in enumerate(records):
             pred = int(probs[i].argmax())
             rec["models"][label] = {
                 "prediction": pred,
-                "class_name": names[pred] if pred < len(names) else None,
+                "class_name": class_names[pred] if pred < len(class_names) else None,
                 "probability": float(probs[i, pred]),
                 "scores": {},
             }
-        for method in methods:
+        for method in (m for m in args.method if len(sources) == 1 or _applies(model, m)):
             maps = torch.cat(
                 [explain(model, chunk, method=method, target=args.target) for chunk in images.split(args.batch_size)]
             )
             column = method if len(sources) == 1 else f"{label}:{method}"
-            grid_maps[column] = upsample_maps(maps.cpu(), tuple(first_images.shape[-2:]))
+            grid_maps[column] = upsample_maps(maps[: args.grid_images].cpu(), tuple(shown.shape[-2:]))
             scores: dict[str, torch.Tensor] = {}
-            if args.steps > 0:
-                scores["deletion_auc"] = deletion_auc(model, images, maps, args.target, steps=args.steps)
-                scores["insertion_auc"] = insertion_auc(model, images, maps, args.target, steps=args.steps)
             if boxes is not None:
                 scores["pointing_game"] = pointing_game(maps.cpu(), boxes)
                 scores["energy_pointing"] = energy_pointing(maps.cpu(), boxes)
-            for i, (path, rec) in enumerate(zip(paths, records, strict=True)):
+            if args.steps > 0:
+                kw = {"steps": args.steps, "batch_size": args.batch_size}
+                scores["deletion_auc"] = deletion_auc(model, images, maps, args.target, **kw)
+                scores["insertion_auc"] = insertion_auc(model, images, maps, args.target, **kw)
+            summary[column] = {k: float(v.float().mean()) for k, v in scores.items()}
+            for i, rec in enumerate(records):
                 rec["models"][label]["scores"][method] = {k: float(v[i]) for k, v in scores.items()}
-                save_overlay(
-                    out / f"{path.stem}_{column.replace(':', '_')}.png",
-                    images[i].cpu(),
-                    maps[i].cpu(),
-                    cmap=args.cmap,
-                    alpha=args.alpha,
-                    mean=mean,
-                    std=std,
-                )
-    if first_images is not None and grid_maps:
+                if not args.no_overlays:
+                    save_overlay(
+                        out / f"{names[i]}_{column.replace(':', '_')}.png", images[i].cpu(), maps[i].cpu(),
+                        cmap=args.cmap, alpha=args.alpha, mean=mean, std=std,
+                    )  # fmt: skip
+    if shown is not None and grid_maps:
         method_grid(
-            first_images,
-            grid_maps,
-            out / "grid.png",
-            row_titles=[p.stem for p in paths],
-            boxes=boxes,
-            cmap=args.cmap,
-            alpha=args.alpha,
-            mean=display[0],
-            std=display[1],
-        )
-    (out / "scores.json").write_text(json.dumps({"methods": list(args.method), "images": records}, indent=2))
-    print(f"wrote {len(paths)} images x {len(grid_maps)} maps to {out}/ (grid.png, scores.json, overlays)")
+            shown, grid_maps, out / "grid.png", row_titles=[r["image"] for r in records[: len(shown)]],
+            boxes=None if boxes is None else boxes[: len(shown)], cmap=args.cmap, alpha=args.alpha,
+            mean=display[0], std=display[1],
+        )  # fmt: skip
+    result = {"methods": list(args.method), "summary": summary, "images": records}
+    (out / "scores.json").write_text(json.dumps(result, indent=2))
+    print(_markdown_table(summary))
+    print(f"wrote {len(records)} images x {len(summary)} maps to {out}/ (grid.png, scores.json)")
     return 0
