@@ -10,10 +10,11 @@ Rebuild the shipped file (deterministic for a seed, byte-identical output)::
     python -m vision_attn.data.cluttered --raw-dir ../shared/data/fashion-mnist \\
         --out assets/cluttered_fashion_mnist_64.npz
 
-The file is an ``.npz`` with LZMA-compressed members (``numpy.load`` reads it, no pickle): ``{split}_images`` uint8 ``[N, S, S]``,
-``{split}_labels`` uint8 ``[N]``, ``{split}_boxes`` int16 ``[N, 4]`` (``x_min, y_min, x_max, y_max``, pixels,
-max exclusive), ``{split}_source_index`` int32 ``[N]`` (row in the Fashion-MNIST idx file) for ``split`` in
-``train``/``test``, ``classes`` (str ``[10]``) and ``meta`` (a JSON string: seed, sizes, mean/std, ...).
+The file is an ``.npz`` with LZMA-compressed members (``numpy.load`` reads it, no pickle). For ``split`` in
+``train``/``test``: ``{split}_images`` uint8 ``[N, S, S]``, ``{split}_labels`` uint8 ``[N]``, ``{split}_boxes``
+int16 ``[N, 4]`` (``x_min, y_min, x_max, y_max``, pixels, max exclusive), ``{split}_source_index`` int32 ``[N]``
+(row in the Fashion-MNIST idx file); plus ``classes`` (str ``[10]``) and ``meta`` (str ``[1]``, a JSON object:
+seed, sizes, mean/std, ...).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
-    "FASHION_MNIST_CLASSES",
     "DEFAULT_ASSET",
+    "FASHION_MNIST_CLASSES",
     "ClutteredFashionMNIST",
     "load_cluttered",
     "make_cluttered_fashion_mnist",
@@ -175,7 +176,7 @@ def make_cluttered_fashion_mnist(
 
 
 def save_npz_deterministic(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` as an LZMA-compressed ``.npz`` (``numpy.load`` reads it) whose bytes depend only on the arrays."""
+    """Write ``arrays`` as an LZMA-compressed ``.npz`` (``numpy.load`` reads it); same arrays, same bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w") as zf:
@@ -217,7 +218,7 @@ class ClutteredFashionMNIST:
         self.targets: np.ndarray = arrays[f"{split}_labels"].astype(np.int64)
         self.boxes: np.ndarray = arrays[f"{split}_boxes"].astype(np.int64)
         self.classes: list[str] = [str(c) for c in arrays["classes"]]
-        self.meta: dict = json.loads(str(arrays["meta"]))
+        self.meta: dict = json.loads(str(arrays["meta"].reshape(-1)[0]))
 
     def __len__(self) -> int:
         return len(self.images)

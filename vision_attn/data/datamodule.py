@@ -1,0 +1,162 @@
+"""One ``LightningDataModule`` for every dataset in :data:`vision_attn.data.datasets.DATASETS`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import find_classes
+
+from vision_attn.data.datasets import TransformedDataset, build_dataset, dataset_info
+from vision_attn.data.transforms import build_eval_transform, build_train_transform
+
+__all__ = ["ImageDataModule"]
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Train / val / test / predict loaders for the dataset ``name`` with albumentations pipelines.
+
+    ``val_fraction`` of the train split (seeded by ``seed``) is held out for validation; ``val_fraction=0``
+    validates on the test split instead. ``img_size``/``in_chans``/``mean``/``std`` default to the dataset's;
+    grey data with ``in_chans=3`` is repeated to RGB, RGB data with ``in_chans=1`` converted to luminance.
+    ``num_classes``, ``in_chans``, ``img_size``, ``mean`` and ``std`` are attributes right after construction
+    (LightningCLI links them to the model).
+    """
+
+    def __init__(
+        self,
+        name: str = "cluttered_fashion_mnist",
+        data_dir: str | None = None,
+        download: bool = False,
+        img_size: int | None = None,
+        in_chans: int | None = None,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        val_fraction: float = 0.1,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        seed: int = 42,
+        crop_scale: tuple[float, float] | None = (0.35, 1.0),
+        translate: float = 0.0,
+        hflip: float = 0.5,
+        color_jitter: float = 0.0,
+        coarse_dropout: float = 0.0,
+        eval_crop_pct: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        info = dataset_info(name)
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if in_chans not in (None, 1, 3):
+            raise ValueError(f"in_chans must be 1, 3 or None (the dataset's own: {info.in_chans}), got {in_chans}")
+        if img_size is not None and img_size <= 0:
+            raise ValueError(f"img_size must be positive, got {img_size}")
+        self.name = name
+        self.data_dir = data_dir
+        self.download = download
+        self.in_chans: int = in_chans or info.in_chans
+        self.img_size: int = img_size or info.img_size
+        self.mean, self.std = self._stats(info.mean, mean, "mean"), self._stats(info.std, std, "std")
+        self.num_classes: int = info.num_classes or len(self._folder_classes())
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.train_transform = build_train_transform(
+            self.img_size, self.mean, self.std, crop_scale=crop_scale, translate=translate, hflip=hflip,
+            color_jitter=color_jitter, coarse_dropout=coarse_dropout,
+        )  # fmt: skip
+        self.eval_transform = build_eval_transform(self.img_size, self.mean, self.std, crop_pct=eval_crop_pct)
+        # resolved values, so checkpoints say what the model saw (and agree with the model's linked hparams)
+        self.hparams.update(img_size=self.img_size, in_chans=self.in_chans, mean=self.mean, std=self.std)
+        self.classes: list[str] | None = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def _stats(self, default: tuple[float, ...], given: tuple[float, ...] | None, what: str) -> tuple[float, ...]:
+        values = tuple(given) if given is not None else tuple(default)
+        if len(values) == self.in_chans:
+            return values
+        if len(values) == 1:
+            return values * self.in_chans
+        if len(values) == 3 and self.in_chans == 1:
+            return (sum(values) / 3,)
+        raise ValueError(f"{what} has {len(values)} values {values}; expected 1 or in_chans={self.in_chans}")
+
+    def _folder_classes(self) -> list[str]:
+        if self.data_dir is None:
+            raise ValueError("data_dir is required for dataset 'image_folder'")
+        root = Path(self.data_dir).expanduser()
+        root = root / "train" if (root / "train").is_dir() else root
+        if not root.is_dir():
+            raise FileNotFoundError(
+                f"dataset 'image_folder' not found: data_dir {str(root)!r} is not a folder; it must hold "
+                "<class>/<image> folders, optionally under train/ and val/ (or test/)"
+            )
+        return find_classes(str(root))[0]
+
+    def prepare_data(self) -> None:
+        """Download (if asked) on one process only."""
+        if self.download:
+            for split in ("train", "test"):
+                build_dataset(self.name, self.data_dir, split, download=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets; the train/val split is the same for a given ``seed`` on every process."""
+        if self.train_set is not None:
+            return
+        train = build_dataset(self.name, self.data_dir, "train", download=False)
+        test = build_dataset(self.name, self.data_dir, "test", download=False)
+        self.classes = list(getattr(train, "classes", []) or [str(i) for i in range(self.num_classes)])
+        if len(self.classes) != self.num_classes:
+            raise ValueError(f"dataset {self.name!r} has {len(self.classes)} classes, expected {self.num_classes}")
+        self.hparams["class_names"] = list(self.classes)
+        n = len(train)  # type: ignore[arg-type]
+        order = np.random.default_rng(self.seed).permutation(n)
+        num_val = round(n * self.val_fraction)
+        train_idx, val_idx = np.sort(order[num_val:]), np.sort(order[:num_val])
+        self.train_set = TransformedDataset(train, self.train_transform, self.in_chans, train_idx)
+        if num_val:
+            self.val_set = TransformedDataset(train, self.eval_transform, self.in_chans, val_idx)
+        else:
+            self.val_set = TransformedDataset(test, self.eval_transform, self.in_chans)
+        self.test_set = TransformedDataset(test, self.eval_transform, self.in_chans)
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train,  # Mixup/CutMix need an even, full batch
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled, augmented train loader (last partial batch dropped)."""
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation loader (eval pipeline)."""
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test-split loader (eval pipeline)."""
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test split again, for ``predict``."""
+        return self._loader(self.test_set, train=False)

@@ -1,0 +1,178 @@
+"""Datasets selectable by name: torchvision's (with their ``download=True`` path), ``ImageFolder`` and the embedded
+cluttered Fashion-MNIST. Each has its class count, channels, native size and mean/std.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import datasets as tvd
+
+from vision_attn.data.cluttered import DEFAULT_ASSET, ClutteredFashionMNIST
+
+__all__ = ["DATASETS", "DatasetInfo", "TransformedDataset", "build_dataset", "dataset_info", "list_datasets"]
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the DataModule needs to know about a dataset before reading it."""
+
+    num_classes: int | None  # None: read from the data (ImageFolder)
+    in_chans: int
+    img_size: int  # the size models are trained at by default
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    build: Callable[[Path, str, bool], Dataset]  # (data_dir, split 'train'|'test', download) -> dataset
+    files: str  # where the files live under data_dir, for the "not found" message
+
+
+def _tv(cls: type, split_kw: Callable[[str], dict[str, Any]], **extra: Any) -> Callable[[Path, str, bool], Dataset]:
+    def build(root: Path, split: str, download: bool) -> Dataset:
+        return cls(root=str(root), download=download, **split_kw(split), **extra)
+
+    return build
+
+
+def _train_flag(split: str) -> dict[str, Any]:
+    return {"train": split == "train"}
+
+
+def _split_as(train: str, test: str) -> Callable[[str], dict[str, Any]]:
+    return lambda split: {"split": train if split == "train" else test}
+
+
+def _cluttered(root: Path, split: str, download: bool) -> Dataset:
+    path = root if root.suffix == ".npz" else root / DEFAULT_ASSET.name
+    return ClutteredFashionMNIST(split, path)
+
+
+def _image_folder(root: Path, split: str, download: bool) -> Dataset:
+    """``root/train`` + ``root/val`` (or ``root/test``) if present, else ``root`` itself for both splits."""
+    if (root / "train").is_dir():
+        sub = "train" if split == "train" else next((s for s in ("val", "test") if (root / s).is_dir()), "train")
+        return tvd.ImageFolder(str(root / sub))
+    return tvd.ImageFolder(str(root))
+
+
+_CLUTTERED_STATS = ((0.1198,), (0.2703,))  # from the shipped file's meta (see vision_attn.data.cluttered)
+
+DATASETS: dict[str, DatasetInfo] = {
+    "cluttered_fashion_mnist": DatasetInfo(10, 1, 64, *_CLUTTERED_STATS, _cluttered, DEFAULT_ASSET.name),
+    "cifar10": DatasetInfo(10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+                           _tv(tvd.CIFAR10, _train_flag), "cifar-10-batches-py/"),
+    "cifar100": DatasetInfo(100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+                            _tv(tvd.CIFAR100, _train_flag), "cifar-100-python/"),
+    "mnist": DatasetInfo(10, 1, 28, (0.1307,), (0.3081,), _tv(tvd.MNIST, _train_flag), "MNIST/raw/"),
+    "fashion_mnist": DatasetInfo(10, 1, 28, (0.2860,), (0.3530,), _tv(tvd.FashionMNIST, _train_flag),
+                                 "FashionMNIST/raw/ (the four idx files, un-gzipped)"),
+    "svhn": DatasetInfo(10, 3, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970),
+                        _tv(tvd.SVHN, _split_as("train", "test")), "train_32x32.mat, test_32x32.mat"),
+    "stl10": DatasetInfo(10, 3, 96, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713),
+                         _tv(tvd.STL10, _split_as("train", "test")), "stl10_binary/"),
+    "flowers102": DatasetInfo(102, 3, 224, IMAGENET_MEAN, IMAGENET_STD,
+                              _tv(tvd.Flowers102, _split_as("train", "test")), "flowers-102/"),
+    "oxford_iiit_pet": DatasetInfo(37, 3, 224, IMAGENET_MEAN, IMAGENET_STD,
+                                   _tv(tvd.OxfordIIITPet, _split_as("trainval", "test")), "oxford-iiit-pet/"),
+    "imagenette": DatasetInfo(10, 3, 224, IMAGENET_MEAN, IMAGENET_STD,
+                              _tv(tvd.Imagenette, _split_as("train", "val"), size="320px"), "imagenette2-320/"),
+    "image_folder": DatasetInfo(None, 3, 224, IMAGENET_MEAN, IMAGENET_STD, _image_folder,
+                                "<class>/<image> folders, optionally under train/ and val/ (or test/)"),
+}  # fmt: skip
+
+
+def list_datasets() -> list[str]:
+    """Return the sorted dataset names accepted by :func:`build_dataset` and the DataModule."""
+    return sorted(DATASETS)
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """Return the :class:`DatasetInfo` of ``name``; unknown names raise a ``ValueError`` listing the known ones."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset name {name!r}; known datasets: {', '.join(list_datasets())}")
+    return DATASETS[name]
+
+
+def build_dataset(name: str, data_dir: str | os.PathLike | None, split: str, download: bool = False) -> Dataset:
+    """Return the raw ``split`` (``'train'``/``'test'``) of dataset ``name``: items ``(PIL image | uint8 array, int)``.
+
+    Missing files with ``download=False`` raise a ``FileNotFoundError`` naming the path and how to get the data.
+    """
+    info = dataset_info(name)
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if data_dir is None:
+        if name != "cluttered_fashion_mnist":
+            raise ValueError(f"data_dir is required for dataset {name!r} (only the embedded dataset has a default)")
+        data_dir = DEFAULT_ASSET.parent
+    root = Path(data_dir).expanduser()
+    how = (
+        "set download: true (--data.download=true) to fetch it with torchvision"
+        if name not in ("image_folder", "cluttered_fashion_mnist")
+        else "point data_dir at the folder that holds it"
+    )
+    missing = FileNotFoundError(
+        f"dataset {name!r} not found under data_dir {str(root)!r} (download={download}); expected {info.files} there; "
+        + how
+    )
+    if name == "image_folder" and not root.is_dir():
+        raise missing
+    try:
+        return info.build(root, split, download)
+    except (RuntimeError, FileNotFoundError) as err:
+        if download:
+            raise
+        raise missing from err
+
+
+class TransformedDataset(Dataset):
+    """Wrap a dataset of ``(image, label)`` so items become ``(transform(image) float [C, H, W], label)``.
+
+    Images (PIL or uint8 arrays) are converted to ``in_chans`` channels (grey repeated to RGB, RGB to luminance)
+    before the albumentations ``transform``. ``indices`` selects a subset.
+    """
+
+    def __init__(
+        self,
+        base: Dataset,
+        transform: Callable[..., dict[str, Any]],
+        in_chans: int,
+        indices: np.ndarray | list[int] | None = None,
+    ) -> None:
+        if in_chans not in (1, 3):
+            raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+        self.base = base
+        self.transform = transform
+        self.in_chans = in_chans
+        self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices) if self.indices is not None else len(self.base)  # type: ignore[arg-type]
+
+    def _to_array(self, image: Any) -> np.ndarray:
+        if isinstance(image, Image.Image):
+            image = image.convert("L" if self.in_chans == 1 else "RGB")
+        array = np.asarray(image, dtype=np.uint8)
+        if array.ndim == 2:
+            array = array[:, :, None]
+        if array.shape[2] != self.in_chans:
+            if self.in_chans == 3:
+                array = np.repeat(array[:, :, :1], 3, axis=2)
+            else:
+                array = np.asarray(Image.fromarray(array[:, :, :3]).convert("L"))[:, :, None]
+        return array
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if self.indices is not None:
+            index = int(self.indices[index])
+        image, label = self.base[index]
+        return self.transform(image=self._to_array(image))["image"], int(label)

@@ -1,0 +1,87 @@
+"""Albumentations pipelines: a configurable train pipeline and a resize / centre-crop / normalize eval pipeline.
+
+Both take a ``uint8`` ``[H, W, C]`` numpy image and return a float ``[C, H, W]`` tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks PyPI for updates on import
+
+import albumentations as A
+from albumentations.pytorch import ToTensorV2
+
+__all__ = ["build_eval_transform", "build_train_transform"]
+
+
+def _check_prob(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+
+
+def build_train_transform(
+    img_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    crop_scale: tuple[float, float] | None = (0.35, 1.0),
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    translate: float = 0.0,
+    hflip: float = 0.5,
+    color_jitter: float = 0.0,
+    coarse_dropout: float = 0.0,
+) -> A.Compose:
+    """Return the train pipeline: random resized crop (or resize), shift, flip, colour jitter, coarse dropout.
+
+    ``crop_scale=None`` resizes instead of cropping; ``translate`` shifts by up to that fraction of the size
+    (zero padding); ``hflip``/``coarse_dropout`` are probabilities; ``color_jitter`` is the strength of
+    brightness/contrast/saturation jitter (0 = off).
+    """
+    if img_size <= 0:
+        raise ValueError(f"img_size must be positive, got {img_size}")
+    if crop_scale is not None and not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
+        raise ValueError(f"crop_scale must be (min, max) with 0 < min <= max <= 1, got {crop_scale}")
+    if not 0.0 <= translate < 0.5:
+        raise ValueError(f"translate must be in [0, 0.5), got {translate}")
+    if color_jitter < 0:
+        raise ValueError(f"color_jitter must be >= 0, got {color_jitter}")
+    _check_prob("hflip", hflip)
+    _check_prob("coarse_dropout", coarse_dropout)
+    ops: list[A.BasicTransform] = []
+    if crop_scale is None:
+        ops.append(A.Resize(img_size, img_size))
+    else:
+        ops.append(A.RandomResizedCrop(size=(img_size, img_size), scale=crop_scale, ratio=crop_ratio))
+    if translate > 0:
+        ops.append(A.Affine(translate_percent=(-translate, translate), border_mode=0, fill=0, p=1.0))
+    if hflip > 0:
+        ops.append(A.HorizontalFlip(p=hflip))
+    if color_jitter > 0:
+        ops.append(A.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter, hue=0.0))
+    if coarse_dropout > 0:
+        hole = (max(1, img_size // 8), max(1, img_size // 4))
+        ops.append(A.CoarseDropout(num_holes_range=(1, 2), hole_height_range=hole, hole_width_range=hole,
+                                   fill=0, p=coarse_dropout))  # fmt: skip
+    ops += [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
+    return A.Compose(ops)
+
+
+def build_eval_transform(
+    img_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float = 1.0
+) -> A.Compose:
+    """Return the eval pipeline: resize the short side to ``img_size / crop_pct``, centre crop, normalize."""
+    if img_size <= 0:
+        raise ValueError(f"img_size must be positive, got {img_size}")
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    resize = math.floor(img_size / crop_pct)
+    return A.Compose(
+        [
+            A.SmallestMaxSize(max_size=resize),
+            A.CenterCrop(img_size, img_size),
+            A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0),
+            ToTensorV2(),
+        ]
+    )

@@ -1,0 +1,15 @@
+"""Lightning training: the classification recipe, callbacks, export and the LightningCLI entry point."""
+
+from vision_attn.training.callbacks import AttentionOverlays, ExportBackbone, TrainSummary
+from vision_attn.training.export import export_checkpoint, export_model
+from vision_attn.training.module import ImageClassifier, build_network
+
+__all__ = [
+    "AttentionOverlays",
+    "ExportBackbone",
+    "ImageClassifier",
+    "TrainSummary",
+    "build_network",
+    "export_checkpoint",
+    "export_model",
+]

@@ -1,0 +1,61 @@
+"""LightningCLI entry point: ``python train.py fit|validate|test|predict --config configs/<name>.yaml``."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from vision_attn.data import ImageDataModule
+from vision_attn.training.callbacks import AttentionOverlays, ExportBackbone, TrainSummary
+from vision_attn.training.module import ImageClassifier
+
+__all__ = ["VisionAttnCLI", "main"]
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "logger": [
+        {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs", "name": "run"}},
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "run"}},
+    ],
+}
+
+
+class VisionAttnCLI(LightningCLI):
+    """LightningCLI with the recipe's callbacks (``checkpoint``, ``overlays``, ``export``, ``summary``) and the data's
+    ``num_classes``/``in_chans``/``img_size`` linked into the model."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.dirpath": "runs/run/checkpoints",  # fixed (not per version) so --ckpt_path last finds it
+                "checkpoint.monitor": "val/acc1",
+                "checkpoint.mode": "max",
+                "checkpoint.save_top_k": 1,
+                "checkpoint.save_last": True,
+                "checkpoint.every_n_epochs": 1,
+                "checkpoint.filename": "best-epoch={epoch:03d}-acc1={val/acc1:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(AttentionOverlays, "overlays")
+        parser.add_lightning_class_args(ExportBackbone, "export")
+        parser.add_lightning_class_args(TrainSummary, "summary")
+        for key in ("num_classes", "in_chans", "img_size"):
+            parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run LightningCLI on ``argv`` (default ``sys.argv[1:]``), e.g. ``['fit', '--config', 'configs/default.yaml']``;
+    returns the exit code."""
+    VisionAttnCLI(
+        ImageClassifier,
+        ImageDataModule,
+        args=list(sys.argv[1:] if argv is None else argv),
+        trainer_defaults={**TRAINER_DEFAULTS, "callbacks": [RichProgressBar()]},
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"default_env": False},
+    )
+    return 0

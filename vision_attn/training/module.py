@@ -1,0 +1,276 @@
+"""The image-classification recipe as a ``LightningModule``; the network is passed in, never defined here."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import timm
+import torch
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import param_groups_weight_decay
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn import functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+import vision_attn
+
+__all__ = ["ImageClassifier", "build_network"]
+
+# parameter names that never get weight decay, besides every 1-D parameter (norms, biases)
+NO_DECAY_NAMES = frozenset({"pos_embed", "cls_token", "reg_token", "dist_token"})
+
+
+def build_network(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Build ``name`` with ``vision_attn.create_model`` (our names) or ``timm.create_model`` (any timm name)."""
+    if name in vision_attn.list_models():
+        return vision_attn.create_model(name, pretrained=pretrained, **kwargs)
+    if not timm.is_model(name):
+        raise ValueError(
+            f"model {name!r} is neither a vision_attn model (vision_attn.list_models()) nor a timm model "
+            "(timm.list_models())"
+        )
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+class ImageClassifier(L.LightningModule):
+    """Train an image classifier: AdamW (no decay on norms, biases, position embeddings and tokens), linear
+    warmup + cosine schedule, label smoothing, timm Mixup/CutMix, optional weight EMA, top-1/top-5 accuracy.
+
+    ``model`` is a registered model name (vision_attn or timm, built with ``model_args``) or an ``nn.Module``.
+    ``num_classes``/``in_chans``/``img_size`` come from the data (LightningCLI links them) and are passed to a
+    named model; a value in ``model_args`` that contradicts the data is an error. Before training the network
+    is run once on a batch shaped like the data, so a mismatch fails early with both shapes in the message.
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module = "va_vit_tiny_patch8_64",
+        model_args: dict[str, Any] | None = None,
+        num_classes: int | None = None,
+        in_chans: int | None = None,
+        img_size: int | None = None,
+        pretrained: bool = False,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_epochs: float = 1.0,
+        min_lr_ratio: float = 0.01,
+        label_smoothing: float = 0.1,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        ema_decay: float | None = None,
+    ) -> None:
+        super().__init__()
+        _check_positive("lr", lr)
+        _check_positive("weight_decay", weight_decay, allow_zero=True)
+        _check_positive("warmup_epochs", warmup_epochs, allow_zero=True)
+        _check_positive("mixup_alpha", mixup_alpha, allow_zero=True)
+        _check_positive("cutmix_alpha", cutmix_alpha, allow_zero=True)
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        for name, p in (("mixup_prob", mixup_prob), ("mixup_switch_prob", mixup_switch_prob)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) or None (no EMA), got {ema_decay}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must both be in [0, 1), got {betas}")
+
+        # the data-linked sizes live in the resolved model_args (and in the DataModule's hparams), not twice
+        ignore = ["num_classes", "in_chans", "img_size"] + (["model"] if isinstance(model, nn.Module) else [])
+        self.save_hyperparameters(ignore=ignore)
+        if isinstance(model, nn.Module):
+            self.net = model
+            self.model_name: str | None = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+            self.model_args: dict[str, Any] = dict(model_args or {})
+        else:
+            self.model_name = model
+            self.model_args = self._resolve_model_args(model_args, num_classes, in_chans, img_size)
+            try:
+                self.net = build_network(model, pretrained, **self.model_args)
+            except TypeError as err:  # CNNs take no img_size; it was only linked from the data
+                if "img_size" not in str(err) or (model_args and "img_size" in model_args):
+                    raise
+                self.model_args.pop("img_size")
+                self.net = build_network(model, pretrained, **self.model_args)
+            self.hparams["model_args"] = dict(self.model_args)  # resolved, so the checkpoint rebuilds the net
+        self.num_classes = num_classes or getattr(self.net, "num_classes", None)
+        if not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int when the model does not say; got {num_classes}")
+
+        self.mixup = None
+        if mixup_alpha > 0 or cutmix_alpha > 0:
+            self.mixup = Mixup(
+                mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=mixup_prob, switch_prob=mixup_switch_prob,
+                label_smoothing=label_smoothing, num_classes=self.num_classes,
+            )  # fmt: skip
+        self.ema = ModelEmaV3(self.net, decay=ema_decay) if ema_decay is not None else None
+
+        top5 = min(5, self.num_classes)
+        self.train_acc1 = MulticlassAccuracy(self.num_classes, top_k=1)
+        self.val_acc1 = MulticlassAccuracy(self.num_classes, top_k=1)
+        self.val_acc5 = MulticlassAccuracy(self.num_classes, top_k=top5)
+        self.test_acc1 = MulticlassAccuracy(self.num_classes, top_k=1)
+        self.test_acc5 = MulticlassAccuracy(self.num_classes, top_k=top5)
+
+    @staticmethod
+    def _resolve_model_args(
+        model_args: dict[str, Any] | None, num_classes: int | None, in_chans: int | None, img_size: int | None
+    ) -> dict[str, Any]:
+        args = dict(model_args or {})
+        for key, value in (("num_classes", num_classes), ("in_chans", in_chans), ("img_size", img_size)):
+            if value is None:
+                continue
+            if key in args and args[key] != value:
+                raise ValueError(f"model_args {key}={args[key]!r} does not match the data's {key}={value!r}")
+            args[key] = value
+        return args
+
+    @property
+    def eval_net(self) -> nn.Module:
+        """The network used for validation, test, predict and export: the EMA copy if enabled."""
+        return self.ema.module if self.ema is not None else self.net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, num_classes]`` of ``x`` ``[B, C, H, W]`` from :attr:`eval_net`."""
+        return self.eval_net(x)
+
+    # --- checks -------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Run the network once on a batch shaped like the data, before any training."""
+        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if data is None or not hasattr(data, "in_chans"):
+            return
+        self.check_input(data.in_chans, data.img_size, data.num_classes, getattr(data, "name", "the data"))
+
+    def check_input(self, in_chans: int, img_size: int, num_classes: int, data_name: str = "the data") -> None:
+        """Raise a ``ValueError`` naming both sides unless the network takes ``[2, in_chans, img_size, img_size]``
+        and returns ``[2, num_classes]``."""
+        x = torch.zeros(2, in_chans, img_size, img_size, device=self.device)
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            with torch.no_grad():
+                out = self.net(x)
+        except (RuntimeError, ValueError, TypeError) as err:
+            raise ValueError(
+                f"model {self.model_name or type(self.net).__name__!r} does not take the images of {data_name} "
+                f"(in_chans={in_chans}, img_size={img_size}; model_args={self.model_args}): {err}"
+            ) from err
+        finally:
+            self.net.train(was_training)
+        if out.ndim != 2 or out.shape[1] != num_classes:
+            raise ValueError(
+                f"model {self.model_name or type(self.net).__name__!r} outputs shape {tuple(out.shape)} but "
+                f"{data_name} has num_classes={num_classes}"
+            )
+
+    # --- steps --------------------------------------------------------------------------------------------
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Loss of one (Mixup/CutMix-ed) batch; logs ``train/loss``, ``train/acc1`` and ``lr``."""
+        images, targets = batch
+        if self.mixup is not None:
+            if images.shape[0] % 2:
+                raise ValueError(f"Mixup/CutMix need an even batch size, got a batch of {images.shape[0]}")
+            mixed, soft = self.mixup(images, targets)
+            logits = self.net(mixed)
+            loss = SoftTargetCrossEntropy()(logits, soft)
+        else:
+            logits = self.net(images)
+            loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+        self.train_acc1(logits.detach(), targets)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc1", self.train_acc1, prog_bar=True)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Update the EMA weights after each optimizer step."""
+        if self.ema is not None:
+            self.ema.update(self.net, step=self.global_step)
+
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
+        images, targets = batch
+        logits = self.eval_net(images)
+        acc1, acc5 = getattr(self, f"{stage}_acc1"), getattr(self, f"{stage}_acc5")
+        acc1(logits, targets)
+        acc5(logits, targets)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, targets), prog_bar=True, sync_dist=True)
+        self.log(f"{stage}/acc1", acc1, prog_bar=True)
+        self.log(f"{stage}/acc5", acc5)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """Logs ``val/loss``, ``val/acc1``, ``val/acc5``."""
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """Logs ``test/loss``, ``test/acc1``, ``test/acc5``."""
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Returns ``{'probs': [B, num_classes], 'preds': [B]}`` (and ``'targets'`` when the batch has labels)."""
+        images = batch[0] if isinstance(batch, list | tuple) else batch
+        probs = self.eval_net(images).softmax(dim=-1)
+        out = {"probs": probs, "preds": probs.argmax(dim=-1)}
+        if isinstance(batch, list | tuple) and len(batch) > 1:
+            out["targets"] = batch[1]
+        return out
+
+    # --- optimization -------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW over two parameter groups (decay / no decay) with a per-step warmup + cosine ``LambdaLR``."""
+        hp = self.hparams
+        no_decay = set(NO_DECAY_NAMES)
+        if hasattr(self.net, "no_weight_decay"):
+            no_decay |= set(self.net.no_weight_decay())
+        groups = param_groups_weight_decay(self.net, hp.weight_decay, no_weight_decay_list=no_decay)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+
+        trainer = self.trainer
+        total_steps = max(1, int(trainer.estimated_stepping_batches))
+        steps_per_epoch = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
+        warmup_steps = round(hp.warmup_epochs * steps_per_epoch)
+        if warmup_steps > total_steps:
+            if not trainer.fast_dev_run:
+                raise ValueError(
+                    f"warmup_epochs={hp.warmup_epochs} ({warmup_steps} steps) is longer than the run "
+                    f"({total_steps} steps: trainer.max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps})"
+                )
+            warmup_steps = total_steps
+        min_ratio = hp.min_lr_ratio
+
+        def lr_factor(step: int) -> float:
+            if step < warmup_steps:
+                return (step + 1) / warmup_steps
+            progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def export_info(self) -> dict[str, Any]:
+        """What rebuilds the network without Lightning: model name and args, and the data's stats and classes."""
+        info: dict[str, Any] = {"model_name": self.model_name, "model_args": dict(self.model_args)}
+        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if data is not None:
+            for key in ("name", "mean", "std", "img_size", "in_chans", "num_classes", "classes"):
+                if getattr(data, key, None) is not None:
+                    info["data_name" if key == "name" else key] = getattr(data, key)
+        return info
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store :meth:`export_info` under ``checkpoint['vision_attn']``."""
+        checkpoint["vision_attn"] = self.export_info()
