@@ -324,6 +324,33 @@ def test_spatial_maps_of_cnn_attention_modules() -> None:
         explain(model, x, method="rollout")
 
 
+class _NonLocalNet(nn.Module):
+    """A CNN with one non-local (self-attention over positions) layer whose probabilities an AttentionTap marks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.tap = AttentionTap("attention")
+        self.head = nn.Linear(4, 3)
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.conv(x).flatten(2).transpose(1, 2)  # B, C, h, w -> B, hw, C
+        return (tokens @ tokens.transpose(1, 2)).softmax(dim=-1)[:, None]  # B, 1, hw, hw
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.conv(x).flatten(2).transpose(1, 2)
+        out = self.tap(self.probabilities(x))[:, 0] @ tokens
+        return self.head(out.mean(dim=1))
+
+
+def test_spatial_maps_of_conv_attention_follow_image_aspect() -> None:
+    model = _NonLocalNet().eval()
+    x = torch.randn(2, 1, 8, 12)
+    received = model.probabilities(x).mean(dim=(1, 2)).reshape(2, 8, 12).detach()
+    low, high = received.amin(dim=(1, 2), keepdim=True), received.amax(dim=(1, 2), keepdim=True)
+    torch.testing.assert_close(explain(model, x, method="spatial"), (received - low) / (high - low))
+
+
 def test_explain_bad_input(tiny_vit: nn.Module, tiny_cnn: nn.Module) -> None:
     x = torch.randn(1, 3, 32, 32)
     with pytest.raises(ValueError, match=r"method 'saliency' is unknown; expected one of \('rollout'"):

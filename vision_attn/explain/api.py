@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -91,22 +92,44 @@ def _resolve_layers(model: nn.Module, target_layers: Any) -> list[nn.Module]:
     return resolved
 
 
+def _received_attention(attention: torch.Tensor, image_size: tuple[int, int], name: str) -> torch.Tensor:
+    """Attention each key position receives, mean over heads and queries: ``[B, h, Nq, Nk] -> [B, gh, gw]``.
+
+    The key grid follows the image's aspect ratio (``gh * gw == Nk``, ``gh / gw ~ H / W``).
+    """
+    num_keys = attention.shape[-1]
+    height, width = image_size
+    gh = max(1, round(math.sqrt(num_keys * height / width)))
+    gw = num_keys // gh
+    if gh * gw != num_keys:
+        raise ValueError(
+            f"attention map {name} has {num_keys} key positions, which fit no grid of the image's aspect "
+            f"{height}x{width}"
+        )
+    return attention.float().mean(dim=(1, 2)).reshape(-1, gh, gw)
+
+
 def _spatial_maps(model: nn.Module, images: torch.Tensor, layer: int | None) -> torch.Tensor:
+    size = (images.shape[-2], images.shape[-1])
     with torch.no_grad(), AttentionRecorder(model) as recorder:
         model(images)
-    maps = [m for name, m in recorder.maps.items() if recorder.kinds[name] == "spatial"]
+    maps = []
+    for name, tensor in recorder.maps.items():
+        if recorder.kinds[name] == "spatial":
+            maps.append(tensor.float().mean(dim=1))  # B, 1|C, h, w -> B, h, w
+        elif recorder.kinds[name] == "attention" and name not in recorder.token_names and tensor.ndim == 4:
+            maps.append(_received_attention(tensor, size, name))
     if not maps:
         kinds = sorted(set(recorder.kinds.values()))
         raise ValueError(
-            f"model {type(model).__name__} has no spatial attention maps (AttentionTap kind 'spatial'); "
-            f"found kinds {kinds}"
+            f"model {type(model).__name__} has no spatial attention maps (AttentionTap kind 'spatial' or conv "
+            f"attention 'attention'); found kinds {kinds}"
         )
     if layer is not None:
         if not isinstance(layer, int) or not -len(maps) <= layer < len(maps):
             raise ValueError(f"layer {layer!r} is out of range for {len(maps)} spatial maps")
         maps = [maps[layer]]
-    size = tuple(images.shape[-2:])
-    return torch.stack([normalize_maps(upsample_maps(m.float().mean(dim=1), size)) for m in maps]).mean(dim=0)
+    return torch.stack([normalize_maps(upsample_maps(m, size)) for m in maps]).mean(dim=0)
 
 
 def explain(
@@ -128,7 +151,9 @@ def explain(
     * ``gradcam``, ``gradcam++``, ``layercam`` — Grad-CAM family (Selvaraju et al. 2017; Chattopadhay et al.
       2018; Jiang et al. 2021) on ``target_layers`` (modules or names; default: see
       :func:`~vision_attn.explain.cam.default_target_layer`);
-    * ``spatial`` — the CNN attention modules' own spatial gate maps (mean over all, or ``layer``);
+    * ``spatial`` — the CNN attention modules' own maps: spatial gates (CBAM, coordinate attention) and, for
+      conv attention (non-local, AA-conv, BoT), the attention each position receives (mean over heads and
+      queries); each min-max scaled, then the mean over all modules, or only module ``layer``;
     * ``random`` — a random-map baseline (``seed``, ``grid_size`` for blocky maps).
 
     Token methods also take ``num_prefix_tokens`` and ``grid_size`` to override what is read from the model.

@@ -25,7 +25,7 @@ class AttentionRecorder:
       forward (= block) order;
     * :attr:`maps`: every recorded map by hook-point name (token attention and the CNN ``AttentionTap`` maps:
       ``attention`` ``[B, heads, Nq, Nk]``, ``spatial`` ``[B, 1|C, H, W]``, ``channel`` ``[B, C, 1, 1]``),
-      with its kind in :attr:`kinds`.
+      with its kind in :attr:`kinds`; :attr:`token_names` names the token-attention hook points.
 
     The records are those of the latest ``model(...)`` call (they are cleared when it starts). On exit every
     ``fused_attn`` flag is restored and every hook removed, also when an exception is raised; the records stay
@@ -48,14 +48,14 @@ class AttentionRecorder:
         self._records: list[tuple[str, torch.Tensor]] = []
         self._handles: list[RemovableHandle] = []
         self._saved_flags: list[tuple[nn.Module, Any]] = []
-        self._token_names = {p.name for p in self.hook_points if p.use_input and hasattr(p.owner, "fused_attn")}
+        self.token_names = frozenset(p.name for p in self.hook_points if p.use_input and hasattr(p.owner, "fused_attn"))
         self.kinds: dict[str, str] = {p.name: p.kind for p in self.hook_points}
         self._active = False
 
     @property
     def attentions(self) -> list[torch.Tensor]:
         """Token attention probabilities ``[B, heads, N, N]``, one per attention call, in forward order."""
-        return [t for name, t in self._records if name in self._token_names]
+        return [t for name, t in self._records if name in self.token_names]
 
     @property
     def maps(self) -> dict[str, torch.Tensor]:
@@ -65,7 +65,7 @@ class AttentionRecorder:
     @property
     def has_token_attention(self) -> bool:
         """Whether ``model`` has token-attention modules (ViT-style) that :attr:`attentions` can record."""
-        return bool(self._token_names)
+        return bool(self.token_names)
 
     def clear(self) -> None:
         """Drop all records."""
@@ -94,7 +94,7 @@ class AttentionRecorder:
         self.clear()
         try:
             for point in self.hook_points:
-                if point.name in self._token_names:
+                if point.name in self.token_names:
                     self._saved_flags.append((point.owner, point.owner.fused_attn))
                     point.owner.fused_attn = False
                 self._handles.append(self._make_hook(point))
