@@ -7,6 +7,7 @@ matmuls (``torch.utils.flop_counter``, FLOPs / 2) for one image. Usage::
 
     python benchmarks/cnn_variants.py            # full settings
     python benchmarks/cnn_variants.py --quick    # small batches, few repeats (noisier)
+    python benchmarks/cnn_variants.py --quick --threads 1    # steadier on a shared CPU
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ def relative_logits_2d(
 ) -> torch.Tensor:
     """Return relative position logits ``[B, heads, H*W, H*W]`` for queries ``q`` ``[B, heads, H*W, d]``.
 
-    Bello et al. 2019, Eq. 3: ``logit[i, j] = q_i · r^W[x_j - x_i] + q_i · r^H[y_j - y_i]``. ``rel_height`` is
+    The position terms of Bello et al. 2019, Eq. 3 (pass ``q`` already scaled by ``dk_head ** -0.5``):
+    ``logit[i, j] = q_i · r^W[x_j - x_i] + q_i · r^H[y_j - y_i]``. ``rel_height`` is
     ``[2 * max_h - 1, d]`` with offset 0 in its middle row (likewise ``rel_width``); any ``size`` up to
     ``(max_h, max_w)`` uses the central rows, so a table built for a large map also serves smaller ones.
     """
