@@ -183,6 +183,7 @@ class TrainSummary(L.Callback):
             "epochs": trainer.current_epoch,
             "global_step": trainer.global_step,
             "fit_seconds": round(time.perf_counter() - self._fit_start, 1),
+            "train_images": self.train_images,
             "train_images_per_second": round(self.train_images / max(self.train_seconds, 1e-9), 1),
             "best_model_path": getattr(ckpt, "best_model_path", None),
             "best_model_score": None if best_score is None else round(float(best_score), 5),
