@@ -268,8 +268,8 @@ def test_gradcam_matches_pytorch_grad_cam(tiny_cnn: nn.Module) -> None:
     from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    x = torch.randn(2, 3, 64, 64)
-    layer = tiny_cnn.layer3
+    x = torch.randn(2, 3, 32, 32)
+    layer = tiny_cnn.layer2
     for method, cam_cls in (("gradcam", GradCAM), ("gradcam++", GradCAMPlusPlus), ("layercam", LayerCAM)):
         ours = explain(tiny_cnn, x, method=method, target=[1, 2], target_layers=[layer])
         with cam_cls(model=tiny_cnn, target_layers=[layer]) as cam:
