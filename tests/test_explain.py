@@ -238,6 +238,9 @@ def test_timm_vits(name: str, kwargs: dict, size: tuple[int, int], num_prefix_to
         assert maps.max() <= 1
     assert _no_hooks(model)
     assert all(p.grad is None for p in model.parameters())
+    if not kwargs.get("dynamic_img_size"):
+        with pytest.raises(ValueError, match="spatial size"):
+            explain(model, torch.randn(1, 3, size[0] + 16, size[1]))
 
 
 # --- explain() -----------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Computing is pure and batched (``list[Tensor[B, H, N, N]] -> Tensor[B, gh, gw]``
 from vision_attn.explain.api import METHODS, attention_gradients, explain, record_attentions
 from vision_attn.explain.cam import CAM_METHODS, grad_cam
 from vision_attn.explain.capture import AttentionRecorder
+from vision_attn.explain.metrics import deletion_auc, energy_pointing, insertion_auc, pointing_game, random_maps
 from vision_attn.explain.rollout import (
     HEAD_FUSIONS,
     attention_rollout,
@@ -23,11 +24,16 @@ __all__ = [
     "AttentionRecorder",
     "attention_gradients",
     "attention_rollout",
+    "deletion_auc",
+    "energy_pointing",
     "explain",
     "fuse_heads",
     "grad_cam",
     "gradient_rollout",
+    "insertion_auc",
     "last_layer_attention",
+    "pointing_game",
+    "random_maps",
     "record_attentions",
     "tokens_to_grid",
 ]

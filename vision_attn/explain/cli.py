@@ -367,7 +367,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
         for method in (m for m in args.method if len(sources) == 1 or _applies(model, m)):
             maps = torch.cat(
-                [explain(model, chunk, method=method, target=args.target) for chunk in images.split(args.batch_size)]
+                [
+                    explain(model, chunk, method, args.target, **({"seed": k} if method == "random" else {}))
+                    for k, chunk in enumerate(images.split(args.batch_size))
+                ]
             )
             column = method if len(sources) == 1 else f"{label}:{method}"
             grid_maps[column] = upsample_maps(maps[: args.grid_images].cpu(), tuple(shown.shape[-2:]))
