@@ -221,6 +221,8 @@ def test_timm_vits(name: str, kwargs: dict, size: tuple[int, int], num_prefix_to
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=4, **kwargs).eval()
     assert model.num_prefix_tokens == num_prefix_tokens
+    for block in model.blocks:
+        block.attn.fused_attn = True  # capture must work from the fused (SDPA) path
     x = torch.randn(2, 3, *size)
     with torch.no_grad():
         before = model(x)
@@ -241,6 +243,21 @@ def test_timm_vits(name: str, kwargs: dict, size: tuple[int, int], num_prefix_to
     if not kwargs.get("dynamic_img_size"):
         with pytest.raises(ValueError, match="spatial size"):
             explain(model, torch.randn(1, 3, size[0] + 16, size[1]))
+
+
+@pytest.mark.parametrize("name", [n for n in vision_attn.list_models() if "_vit" in n or "_cct" in n])
+def test_every_registered_vit(name: str) -> None:
+    torch.manual_seed(0)
+    model = vision_attn.create_model(name, depth=1, num_classes=3).eval()
+    size = tuple(model.patch_embed.img_size)
+    x = torch.randn(2, model.in_chans, *size)
+    flags = _fused_flags(model)
+    for method in ("rollout", "gradient_rollout"):
+        maps = explain(model, x, method=method)
+        assert maps.shape == (2, *size)
+        assert torch.isfinite(maps).all()
+    assert _no_hooks(model)
+    assert _fused_flags(model) == flags
 
 
 # --- explain() -----------------------------------------------------------------------------------------------------
