@@ -18,6 +18,7 @@ from vision_attn.explain._common import (
 )
 from vision_attn.explain.cam import CAM_METHODS, default_target_layer, grad_cam
 from vision_attn.explain.capture import AttentionRecorder
+from vision_attn.explain.metrics import random_maps
 from vision_attn.explain.rollout import attention_rollout, gradient_rollout, last_layer_attention
 
 __all__ = ["METHODS", "attention_gradients", "explain", "record_attentions"]
@@ -190,8 +191,7 @@ def explain(
     elif method == "spatial":
         raw = _spatial_maps(model, images, options.get("layer"))
     else:  # random
-        generator = torch.Generator().manual_seed(int(options.get("seed", 0)))
-        grid = options.get("grid_size") or size
-        grid = (grid, grid) if isinstance(grid, int) else tuple(grid)
-        raw = torch.rand((images.shape[0], *grid), generator=generator).to(images.device)
+        grid = options.get("grid_size")
+        grid = (grid, grid) if isinstance(grid, int) else grid
+        raw = random_maps(images.shape[0], size, grid_size=grid, seed=int(options.get("seed", 0))).to(images.device)
     return normalize_maps(upsample_maps(raw.detach(), size))
