@@ -65,7 +65,7 @@ def test_fit_resume_export_and_reload(tmp_path: Path) -> None:
     base = [
         "fit", "--config", str(REPO / "configs" / "default.yaml"), *_tiny(tmp_path),
         "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2", "--trainer.max_time=null",
-        "--checkpoint.every_n_train_steps=1", "--trainer.logger=false", "--overlays.every_n_epochs=0",
+        "--step_checkpoint.every_n_train_steps=1", "--trainer.logger=false", "--overlays.every_n_epochs=0",
         "--model.ema_decay=0.9", "--model.mixup_alpha=0.2", "--model.cutmix_alpha=1.0",
     ]  # fmt: skip
     assert main([*base, "--trainer.max_epochs=1"]) == 0

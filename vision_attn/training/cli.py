@@ -23,8 +23,13 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 
 
 class VisionAttnCLI(LightningCLI):
-    """LightningCLI with the recipe's callbacks (``checkpoint``, ``overlays``, ``export``, ``summary``) and the data's
-    ``num_classes``/``in_chans``/``img_size`` linked into the model."""
+    """LightningCLI with the recipe's callbacks and the data's ``num_classes``/``in_chans``/``img_size`` linked into
+    the model.
+
+    Callbacks: ``checkpoint`` (best by ``val/acc1`` + ``last.ckpt`` after each validation), ``step_checkpoint``
+    (``last.ckpt`` every ``every_n_train_steps``, same folder), ``overlays`` (attention maps), ``export``
+    (safetensors + JSON at the end of fit) and ``summary`` (final metrics, wall time, images/s).
+    """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -40,6 +45,12 @@ class VisionAttnCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+        # a second ModelCheckpoint refreshes last.ckpt every N steps (off by default) so a killed run loses little;
+        # Lightning forbids step and epoch triggers on one callback
+        parser.add_lightning_class_args(ModelCheckpoint, "step_checkpoint")
+        parser.set_defaults({"step_checkpoint.save_top_k": 0, "step_checkpoint.save_last": True,
+                             "step_checkpoint.every_n_train_steps": 0})  # fmt: skip
+        parser.link_arguments("checkpoint.dirpath", "step_checkpoint.dirpath")
         parser.add_lightning_class_args(AttentionOverlays, "overlays")
         parser.add_lightning_class_args(ExportBackbone, "export")
         parser.add_lightning_class_args(TrainSummary, "summary")
