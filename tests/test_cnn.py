@@ -199,6 +199,17 @@ def test_bad_config_is_named(kwargs, pattern):
         vision_attn.create_model("va_resnet18_32", layers=(1, 1, 1, 1), **kwargs)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CNN_NAMES)
+def test_registered_config_runs_at_its_input_size(name):
+    model = timm.create_model(name).eval()
+    size = model.pretrained_cfg["input_size"][-1]
+    with torch.no_grad():
+        y = model(torch.randn(1, 3, size, size))
+    assert y.shape == (1, model.num_classes)
+    assert torch.isfinite(y).all()
+
+
 def test_full_size_models_match_timm_and_paper_parameter_counts():
     def count(model: nn.Module) -> int:
         return sum(p.numel() for p in model.parameters())
