@@ -43,13 +43,15 @@ class VisionAttnCLI(LightningCLI):
                 "checkpoint.every_n_epochs": 1,
                 "checkpoint.filename": "best-epoch={epoch:03d}-acc1={val/acc1:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.enable_version_counter": False,  # both callbacks write the one last.ckpt
             }
         )
         # a second ModelCheckpoint refreshes last.ckpt every N steps (off by default) so a killed run loses little;
         # Lightning forbids step and epoch triggers on one callback
         parser.add_lightning_class_args(ModelCheckpoint, "step_checkpoint")
         parser.set_defaults({"step_checkpoint.save_top_k": 0, "step_checkpoint.save_last": True,
-                             "step_checkpoint.every_n_train_steps": 0})  # fmt: skip
+                             "step_checkpoint.every_n_train_steps": 0,
+                             "step_checkpoint.enable_version_counter": False})  # fmt: skip
         parser.link_arguments("checkpoint.dirpath", "step_checkpoint.dirpath")
         parser.add_lightning_class_args(AttentionOverlays, "overlays")
         parser.add_lightning_class_args(ExportBackbone, "export")

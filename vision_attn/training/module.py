@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import timm
 import torch
+from lightning.pytorch.callbacks import Timer
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_weight_decay
@@ -45,6 +46,9 @@ class ImageClassifier(L.LightningModule):
     """Train an image classifier: AdamW (no decay on norms, biases, position embeddings and tokens), linear
     warmup + cosine schedule, label smoothing, timm Mixup/CutMix, optional weight EMA, top-1/top-5 accuracy.
 
+    ``schedule='time'`` runs the cosine over the wall-clock budget ``trainer.max_time`` instead of the step
+    count, so a time-boxed run anneals fully however fast the machine is.
+
     ``model`` is a registered model name (vision_attn or timm, built with ``model_args``) or an ``nn.Module``.
     ``num_classes``/``in_chans``/``img_size`` come from the data (LightningCLI links them) and are passed to a
     named model; a value in ``model_args`` that contradicts the data is an error. Before training the network
@@ -70,6 +74,7 @@ class ImageClassifier(L.LightningModule):
         mixup_prob: float = 1.0,
         mixup_switch_prob: float = 0.5,
         ema_decay: float | None = None,
+        schedule: Literal["steps", "time"] = "steps",
     ) -> None:
         super().__init__()
         _check_positive("lr", lr)
@@ -86,6 +91,8 @@ class ImageClassifier(L.LightningModule):
                 raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or None (no EMA), got {ema_decay}")
+        if schedule not in ("steps", "time"):
+            raise ValueError(f"schedule must be 'steps' or 'time', got {schedule!r}")
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must both be in [0, 1), got {betas}")
 
@@ -251,12 +258,21 @@ class ImageClassifier(L.LightningModule):
                 )
             warmup_steps = total_steps
         min_ratio = hp.min_lr_ratio
+        timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
+        if hp.schedule == "time" and timer is None:
+            raise ValueError("schedule='time' needs a time budget: set trainer.max_time (e.g. '00:00:09:30')")
+
+        def progress(step: int) -> float:
+            if hp.schedule == "time":
+                elapsed = timer.time_elapsed("train")
+                return elapsed / max(1e-9, elapsed + timer.time_remaining("train"))
+            return (step - warmup_steps) / max(1, total_steps - warmup_steps)
 
         def lr_factor(step: int) -> float:
             if step < warmup_steps:
                 return (step + 1) / warmup_steps
-            progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+            cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress(step)))))
+            return min_ratio + (1 - min_ratio) * cosine
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
