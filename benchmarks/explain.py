@@ -6,11 +6,14 @@ method needs them):
 * ``forward``: plain ``model(x)`` with the model's default (fused) attention;
 * ``capture+rollout``: ``AttentionRecorder`` + ``model(x)`` + ``attention_rollout`` — the overhead ratio
   ``capture+rollout / forward`` should be <= 1.3;
-* ``explain(method)`` on the whole batch vs a Python loop of one image at a time — the speed-up ratio.
+* ``explain(method)`` on ``loop_images`` images at once vs a Python loop of one image at a time — the speed-up.
+
+Times are the best of several runs, interleaved so that load changes hit both sides alike. On a shared CPU,
+``--threads 1`` gives the steadiest ratios.
 
 Run::
 
-    python benchmarks/explain.py            # full: 64 images, best of 7
+    python benchmarks/explain.py --threads 1 # full: batch 64, best of 5; explain on 16 images
     python benchmarks/explain.py --quick    # 16 images, 3 repeats, loop over 8 images
 """
 
@@ -71,7 +74,7 @@ def bench_model(name: str, size: int, batch_size: int, loop_images: int, repeats
                 lambda m=method: explain(model, sub, method=m),
                 lambda m=method: [explain(model, sub[i : i + 1], method=m) for i in range(len(sub))],
             ],
-            max(1, repeats // 2),
+            2,
         )
         rows.append(
             f"| {name} | {size} | explain({method}) batched / loop | {len(sub)} | {t_batch * 1e3:.1f} ms | "
@@ -91,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     batch_size = args.batch_size or (16 if args.quick else 64)
-    loop_images = min(batch_size, 8 if args.quick else 64)
-    repeats = 3 if args.quick else 7
+    loop_images = min(batch_size, 8 if args.quick else 16)
+    repeats = 3 if args.quick else 5
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"device: {args.device} ({device_name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
     print("| model | img | measure | images | first | second | ratio |")
