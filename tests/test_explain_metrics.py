@@ -186,7 +186,27 @@ def test_cli_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "neither a file nor a folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         explain_main(["--images", "a.png", "--out", str(tmp_path), "--method", "saliency"])
-    assert "invalid choice" in capsys.readouterr().err
+    assert "is not [K:]METHOD with METHOD one of ('rollout'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        explain_main(["--model", "resnet10t", "--images", "a.png", "--out", str(tmp_path), "--method", "1:gradcam"])
+    assert "beyond the 1 models given" in capsys.readouterr().err
+
+
+def test_cli_two_models_with_per_model_methods(tmp_path: Path) -> None:
+    paths = _write_images(tmp_path / "imgs", 2, 32)
+    (tmp_path / "boxes.json").write_text(json.dumps({p.name: [0, 0, 16, 16] for p in paths}))
+    args = ["--model", "va_vit_tiny_patch4_32", "--model", "resnet10t", "--model-args", '{"num_classes": 3}']
+    args += ["--images", *map(str, paths), "--method", "attention", "1:gradcam", "random", "--steps", "0"]
+    args += ["--boxes", str(tmp_path / "boxes.json"), "--scores", "energy_pointing", "--out", str(tmp_path / "out")]
+    assert explain_main(args) == 0
+    summary = json.loads((tmp_path / "out" / "scores.json").read_text())["summary"]
+    assert list(summary) == [
+        "0:va_vit_tiny_patch4_32:attention",
+        "0:va_vit_tiny_patch4_32:random",
+        "1:resnet10t:gradcam",
+        "1:resnet10t:random",
+    ]
+    assert all(set(row) == {"energy_pointing"} for row in summary.values())
 
 
 def test_cli_dataset_split_with_boxes(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from vision_attn.explain.capture import AttentionRecorder
 
 __all__ = ["build_parser", "load_images", "load_model", "main"]
 
+SCORES = ("pointing_game", "energy_pointing", "deletion_auc", "insertion_auc")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
@@ -75,9 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         nargs="+",
         default=["rollout"],
-        choices=METHODS,
-        metavar="M",
-        help=f"one or more of {', '.join(METHODS)} (default: rollout)",
+        metavar="[K:]M",
+        help=f"one or more of {', '.join(METHODS)} (default: rollout); with several models, a method applies to "
+        "every model it suits, or with a prefix K: only to the K-th model (0-based, checkpoints first)",
+    )
+    parser.add_argument(
+        "--scores",
+        nargs="+",
+        default=list(SCORES),
+        metavar="S",
+        help=f"scores to compute, of {', '.join(SCORES)} (box scores need boxes; default: all)",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--target", type=int, default=None, help="class to explain (default: the predicted one)")
@@ -292,6 +300,13 @@ def _applies(model: nn.Module, method: str) -> bool:
     return True
 
 
+def _parse_method(spec: str) -> tuple[int | None, str]:
+    index, _, method = spec.rpartition(":")
+    if method not in METHODS or (index and not index.isdigit()):
+        raise ValueError(f"--method {spec!r} is not [K:]METHOD with METHOD one of {METHODS}")
+    return (int(index) if index else None), method
+
+
 def _markdown_table(summary: dict[str, dict[str, float]]) -> str:
     metrics = sorted({k for row in summary.values() for k in row})
     lines = ["| method | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
@@ -308,6 +323,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        methods = [_parse_method(m) for m in args.method]
+        unknown_scores = sorted(set(args.scores) - set(SCORES))
+        if unknown_scores:
+            raise ValueError(f"--scores {unknown_scores} unknown; expected some of {SCORES}")
         if (args.images is None) == (args.dataset is None):
             raise ValueError("give exactly one of --images PATH... or --dataset NAME[:SPLIT]")
         model_args = json.loads(args.model_args)
@@ -318,6 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sources += [(None, m, w) for m, w in zip(args.model, weights, strict=True)]
         if not sources:
             raise ValueError("give a --checkpoint PATH or a --model NAME")
+        wrong = [f"{k}:{m}" for k, m in methods if k is not None and k >= len(sources)]
+        if wrong:
+            raise ValueError(f"--method {wrong} names a model index beyond the {len(sources)} models given")
         paths = _image_paths(args.images) if args.images is not None else []
         boxes_by_name = json.loads(Path(args.boxes).read_text()) if args.boxes else {}
         missing = [p.name for p in paths if boxes_by_name and p.name not in boxes_by_name]
@@ -365,7 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "probability": float(probs[i, pred]),
                 "scores": {},
             }
-        for method in (m for m in args.method if len(sources) == 1 or _applies(model, m)):
+        chosen = [m for k, m in methods if k == index or (k is None and (len(sources) == 1 or _applies(model, m)))]
+        for method in chosen:
             maps = torch.cat(
                 [
                     explain(model, chunk, method, args.target, **({"seed": k} if method == "random" else {}))
@@ -375,12 +398,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             column = method if len(sources) == 1 else f"{label}:{method}"
             grid_maps[column] = upsample_maps(maps[: args.grid_images].cpu(), tuple(shown.shape[-2:]))
             scores: dict[str, torch.Tensor] = {}
-            if boxes is not None:
+            kw = {"steps": args.steps, "batch_size": args.batch_size}
+            if boxes is not None and "pointing_game" in args.scores:
                 scores["pointing_game"] = pointing_game(maps.cpu(), boxes)
+            if boxes is not None and "energy_pointing" in args.scores:
                 scores["energy_pointing"] = energy_pointing(maps.cpu(), boxes)
-            if args.steps > 0:
-                kw = {"steps": args.steps, "batch_size": args.batch_size}
+            if args.steps > 0 and "deletion_auc" in args.scores:
                 scores["deletion_auc"] = deletion_auc(model, images, maps, args.target, **kw)
+            if args.steps > 0 and "insertion_auc" in args.scores:
                 scores["insertion_auc"] = insertion_auc(model, images, maps, args.target, **kw)
             summary[column] = {k: float(v.float().mean()) for k, v in scores.items()}
             for i, rec in enumerate(records):
