@@ -198,6 +198,7 @@ def test_cli_two_models_with_per_model_methods(tmp_path: Path) -> None:
     args = ["--model", "va_vit_tiny_patch4_32", "--model", "resnet10t", "--model-args", '{"num_classes": 3}']
     args += ["--images", *map(str, paths), "--method", "attention", "1:gradcam", "random", "--steps", "0"]
     args += ["--boxes", str(tmp_path / "boxes.json"), "--scores", "energy_pointing", "--out", str(tmp_path / "out")]
+    args += ["--target-layer", "layer3"]
     assert explain_main(args) == 0
     summary = json.loads((tmp_path / "out" / "scores.json").read_text())["summary"]
     assert list(summary) == [

@@ -21,6 +21,7 @@ from torch import nn
 
 from vision_attn.explain._common import upsample_maps
 from vision_attn.explain.api import METHODS, TOKEN_METHODS, explain
+from vision_attn.explain.cam import CAM_METHODS
 from vision_attn.explain.capture import AttentionRecorder
 
 __all__ = ["build_parser", "load_images", "load_model", "main"]
@@ -89,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--target", type=int, default=None, help="class to explain (default: the predicted one)")
+    parser.add_argument(
+        "--target-layer",
+        default=None,
+        metavar="NAME",
+        help="submodule for the Grad-CAM methods (default: the last 4-D feature map; a ViT's last norm1)",
+    )
     parser.add_argument(
         "--boxes",
         default=None,
@@ -300,6 +307,14 @@ def _applies(model: nn.Module, method: str) -> bool:
     return True
 
 
+def _method_options(method: str, chunk_index: int, target_layer: str | None) -> dict[str, Any]:
+    if method == "random":
+        return {"seed": chunk_index}
+    if method in CAM_METHODS and target_layer is not None:
+        return {"target_layers": [target_layer]}
+    return {}
+
+
 def _parse_method(spec: str) -> tuple[int | None, str]:
     index, _, method = spec.rpartition(":")
     if method not in METHODS or (index and not index.isdigit()):
@@ -391,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for method in chosen:
             maps = torch.cat(
                 [
-                    explain(model, chunk, method, args.target, **({"seed": k} if method == "random" else {}))
+                    explain(model, chunk, method, args.target, **_method_options(method, k, args.target_layer))
                     for k, chunk in enumerate(images.split(args.batch_size))
                 ]
             )
