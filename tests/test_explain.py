@@ -215,6 +215,7 @@ def test_recorder_records_latest_forward_only(tiny_vit: nn.Module) -> None:
         ("deit_tiny_distilled_patch16_224", {"depth": 2}, (224, 224), 2),
         ("vit_tiny_patch16_224", {"depth": 2, "reg_tokens": 4, "img_size": 64}, (64, 64), 5),
         ("vit_tiny_patch16_224", {"depth": 1, "reg_tokens": 4, "img_size": 64, "dynamic_img_size": True}, (48, 80), 5),
+        ("eva02_tiny_patch14_224", {"depth": 1, "img_size": 56}, (56, 56), 1),  # rotary embeddings, SwiGLU
     ],
 )
 def test_timm_vits(name: str, kwargs: dict, size: tuple[int, int], num_prefix_tokens: int) -> None:
@@ -228,7 +229,8 @@ def test_timm_vits(name: str, kwargs: dict, size: tuple[int, int], num_prefix_to
         before = model(x)
         with AttentionRecorder(model) as rec:
             inside = model(x)
-    tokens = num_prefix_tokens + (size[0] // 16) * (size[1] // 16)
+    grid = model.patch_embed.dynamic_feat_size(size)
+    tokens = num_prefix_tokens + grid[0] * grid[1]
     assert [a.shape for a in rec.attentions] == [(2, 3, tokens, tokens)] * kwargs["depth"]
     torch.testing.assert_close(inside, before, atol=1e-5, rtol=0)
     assert all(_fused_flags(model))
@@ -391,4 +393,9 @@ def test_explain_bad_input(tiny_vit: nn.Module, tiny_cnn: nn.Module) -> None:
         explain(tiny_vit, x, method="gradient_rollout", target=7)
     with pytest.raises(ValueError, match="head_fusion 'sum' is unknown"):
         explain(tiny_vit, x, method="rollout", head_fusion="sum")
+    swin = timm.create_model(
+        "swin_tiny_patch4_window7_224", img_size=32, window_size=4, embed_dim=12, depths=(1, 1), num_heads=(1, 1)
+    ).eval()
+    with pytest.raises(ValueError, match="windowed or pooled attention"):
+        explain(swin, torch.randn(1, 3, 32, 32), method="rollout")
     assert set(METHODS) >= {"rollout", "gradient_rollout", "attention", "gradcam", "spatial", "random"}

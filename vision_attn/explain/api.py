@@ -36,13 +36,22 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _token_attentions(recorder: AttentionRecorder, model: nn.Module) -> list[torch.Tensor]:
+def _token_attentions(
+    recorder: AttentionRecorder, model: nn.Module, batch_size: int | None = None
+) -> list[torch.Tensor]:
     if not recorder.attentions:
         kinds = sorted(set(recorder.kinds.values()))
         found = f" (it has only {', '.join(kinds)} maps)" if kinds else ""
         raise ValueError(
             f"model {type(model).__name__} has no token-attention modules{found}; the attention methods "
             f"{TOKEN_METHODS} need a ViT-style model; use one of {(*CAM_METHODS, 'spatial')} for a CNN"
+        )
+    if batch_size is not None and any(a.shape[0] != batch_size for a in recorder.attentions):
+        shapes = sorted({tuple(a.shape) for a in recorder.attentions})
+        raise ValueError(
+            f"model {type(model).__name__} has attention maps of shapes {shapes} for {batch_size} images: "
+            f"windowed or pooled attention (e.g. Swin) has no global [B, heads, N, N] map for {TOKEN_METHODS}; "
+            f"use one of {CAM_METHODS}"
         )
     return recorder.attentions
 
@@ -51,7 +60,7 @@ def record_attentions(model: nn.Module, images: torch.Tensor) -> tuple[list[torc
     """Run ``model`` on ``images`` without gradients; return ``(attentions [B, heads, N, N] per layer, logits)``."""
     with torch.no_grad(), AttentionRecorder(model) as recorder:
         logits = model(images)
-    return _token_attentions(recorder, model), logits
+    return _token_attentions(recorder, model, images.shape[0]), logits
 
 
 def attention_gradients(
@@ -65,7 +74,7 @@ def attention_gradients(
     """
     with torch.enable_grad(), AttentionRecorder(model, detach=False) as recorder:
         logits = model(images.detach().requires_grad_(True))
-        attentions = _token_attentions(recorder, model)
+        attentions = _token_attentions(recorder, model, images.shape[0])
         targets = resolve_targets(target, logits)
         score = logits.gather(1, targets[:, None]).sum()  # images are independent: d(sum)/dA_b = d(logit_b)/dA_b
         gradients = torch.autograd.grad(score, attentions)
