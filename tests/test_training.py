@@ -50,9 +50,9 @@ def test_config_fast_dev_run(config: Path, tmp_path: Path, request: pytest.Fixtu
     args = ["fit", "--config", str(config), "--trainer.fast_dev_run=1", *_tiny(tmp_path)]
     if config.stem in CIFAR_CONFIGS or config.stem.startswith("finetune"):
         folder = request.getfixturevalue("cifar_folder")  # a few CIFAR-10 JPEG classes, never the network
-        args += ["--data.name=image_folder", f"--data.data_dir={folder}", "--data.download=false"]
+        args += ["--data.name=image_folder", f"--data.data_dir={folder}", "--data.download=false", "--data.img_size=32"]
     if config.stem.startswith("finetune"):
-        args += ["--model.pretrained=false", "--data.img_size=64", "--model.model_args={}"]
+        args += ["--model.pretrained=false", "--data.img_size=64", "--model.model_args={}"]  # no download, small
     assert main(args) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["global_step"] == 1
