@@ -125,6 +125,8 @@ class ImageClassifier(L.LightningModule):
                 label_smoothing=label_smoothing, num_classes=self.num_classes,
             )  # fmt: skip
         self.ema = ModelEmaV3(self.net, decay=ema_decay) if ema_decay is not None else None
+        if self.ema is not None:
+            self.ema.requires_grad_(False)  # updated by copying, never by the optimizer (and invisible to DDP)
 
         top5 = min(5, self.num_classes)
         self.train_acc1 = MulticlassAccuracy(self.num_classes, top_k=1)
