@@ -1,0 +1,71 @@
+"""Find unreadable images in an ``ImageFolder`` tree before training starts, not in the middle of an epoch."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+__all__ = ["BAD_IMAGE_POLICIES", "BadImagesError", "check_image_files", "find_bad_images"]
+
+BAD_IMAGE_POLICIES = ("error", "skip")
+
+
+class BadImagesError(ValueError):
+    """Raised when an image folder holds files that are not readable images."""
+
+
+def _image_problem(path: Path) -> str | None:
+    """Return why ``path`` is not a fully decodable image, or ``None`` when it is."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes every byte: truncated files fail here, not at training time
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def find_bad_images(root: str | os.PathLike) -> list[tuple[str, str]]:
+    """Return ``(path, reason)`` for every file under the class folders of ``root`` that is not a readable image.
+
+    Hidden files (``.DS_Store``, ...) are ignored; any other file counts, whatever its extension.
+    """
+    bad = []
+    for class_dir in sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for dirpath, _, filenames in sorted(os.walk(class_dir, followlinks=True)):
+            for filename in sorted(filenames):
+                if filename.startswith("."):
+                    continue
+                path = Path(dirpath) / filename
+                problem = _image_problem(path)
+                if problem is not None:
+                    bad.append((str(path), problem))
+    return bad
+
+
+def check_image_files(root: str | os.PathLike, policy: str = "error") -> Callable[[str], bool]:
+    """Scan ``root`` and return an ``is_valid_file`` predicate for ``torchvision.datasets.ImageFolder``.
+
+    ``policy='error'`` raises :class:`BadImagesError` naming the bad files; ``'skip'`` warns with their count and
+    leaves them out.
+    """
+    if policy not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {policy!r}")
+    bad = find_bad_images(root)
+    if bad and policy == "error":
+        listing = "\n".join(f"  {path} ({reason})" for path, reason in bad[:20])
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise BadImagesError(
+            f"{len(bad)} file(s) under {str(root)!r} are not readable images:\n{listing}{more}\n"
+            "remove or fix them, or set bad_images: skip (--data.bad_images=skip) to leave them out"
+        )
+    if bad:
+        warnings.warn(
+            f"skipping {len(bad)} unreadable file(s) under {str(root)!r} (bad_images='skip'), e.g. {bad[0][0]}",
+            stacklevel=2,
+        )
+    skipped = {os.path.realpath(path) for path, _ in bad}
+    return lambda path: not Path(path).name.startswith(".") and os.path.realpath(path) not in skipped
