@@ -147,7 +147,7 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
         sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs" / "default.yaml"),
         *_tiny(tmp_path), "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_epochs=1",
         "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2", "--trainer.logger=false",
-        "--trainer.max_time=null",
+        "--trainer.max_time=null", "--model.schedule=steps",
     ]  # fmt: skip
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
