@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.datasets.folder import find_classes
 
 from vision_attn.data.datasets import TransformedDataset, build_dataset, dataset_info
+from vision_attn.data.resumable import EpochSampler
 from vision_attn.data.transforms import build_eval_transform, build_train_transform
+from vision_attn.data.verify import BAD_IMAGE_POLICIES
 
 __all__ = ["ImageDataModule"]
+
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata 0.11 on torch >= 2.7
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -45,6 +51,7 @@ class ImageDataModule(L.LightningDataModule):
         color_jitter: float = 0.0,
         coarse_dropout: float = 0.0,
         eval_crop_pct: float = 1.0,
+        bad_images: str = "error",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -59,6 +66,8 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"in_chans must be 1, 3 or None (the dataset's own: {info.in_chans}), got {in_chans}")
         if img_size is not None and img_size <= 0:
             raise ValueError(f"img_size must be positive, got {img_size}")
+        if bad_images not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}")
         self.name = name
         self.data_dir = data_dir
         self.download = download
@@ -71,6 +80,7 @@ class ImageDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.val_fraction = val_fraction
         self.seed = seed
+        self.bad_images = bad_images
         self.train_transform = build_train_transform(
             self.img_size, self.mean, self.std, crop_scale=crop_scale, translate=translate, hflip=hflip,
             color_jitter=color_jitter, coarse_dropout=coarse_dropout,
@@ -115,8 +125,8 @@ class ImageDataModule(L.LightningDataModule):
         """Build the datasets; the train/val split is the same for a given ``seed`` on every process."""
         if self.train_set is not None:
             return
-        train = build_dataset(self.name, self.data_dir, "train", download=False)
-        test = build_dataset(self.name, self.data_dir, "test", download=False)
+        train = build_dataset(self.name, self.data_dir, "train", download=False, bad_images=self.bad_images)
+        test = build_dataset(self.name, self.data_dir, "test", download=False, bad_images=self.bad_images)
         self.classes = list(getattr(train, "classes", []) or [str(i) for i in range(self.num_classes)])
         if len(self.classes) != self.num_classes:
             raise ValueError(f"dataset {self.name!r} has {len(self.classes)} classes, expected {self.num_classes}")
@@ -135,10 +145,12 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
-        return DataLoader(
+        # the train order and augmentations follow (seed, epoch) and the loader's position is saved in
+        # checkpoints, so a run resumed mid-epoch sees exactly the batches an unbroken run would
+        return StatefulDataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            sampler=EpochSampler(len(dataset), seed=self.seed) if train else None,
             drop_last=train,  # Mixup/CutMix need an even, full batch
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

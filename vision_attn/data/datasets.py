@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
 from vision_attn.data.cluttered import DEFAULT_ASSET, ClutteredFashionMNIST
+from vision_attn.data.verify import BadImagesError, check_image_files
 
 __all__ = ["DATASETS", "DatasetInfo", "TransformedDataset", "build_dataset", "dataset_info", "list_datasets"]
 
@@ -32,7 +33,7 @@ class DatasetInfo:
     img_size: int  # the size models are trained at by default
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    build: Callable[[Path, str, bool], Dataset]  # (data_dir, split 'train'|'test', download) -> dataset
+    build: Callable[..., Dataset]  # (data_dir, split 'train'|'test', download) -> dataset
     files: str  # where the files live under data_dir, for the "not found" message
 
 
@@ -56,12 +57,16 @@ def _cluttered(root: Path, split: str, download: bool) -> Dataset:
     return ClutteredFashionMNIST(split, path)
 
 
-def _image_folder(root: Path, split: str, download: bool) -> Dataset:
-    """``root/train`` + ``root/val`` (or ``root/test``) if present, else ``root`` itself for both splits."""
+def _image_folder(root: Path, split: str, download: bool, bad_images: str = "error") -> Dataset:
+    """``root/train`` + ``root/val`` (or ``root/test``) if present, else ``root`` itself for both splits.
+
+    Every file is decoded once first: unreadable ones raise (``bad_images='error'``) or are left out with a
+    warning (``'skip'``), so a corrupt file never stops training mid-epoch.
+    """
     if (root / "train").is_dir():
         sub = "train" if split == "train" else next((s for s in ("val", "test") if (root / s).is_dir()), "train")
-        return tvd.ImageFolder(str(root / sub))
-    return tvd.ImageFolder(str(root))
+        root = root / sub
+    return tvd.ImageFolder(str(root), is_valid_file=check_image_files(root, bad_images))
 
 
 _CLUTTERED_STATS = ((0.1198,), (0.2703,))  # from the shipped file's meta (see vision_attn.data.cluttered)
@@ -102,10 +107,13 @@ def dataset_info(name: str) -> DatasetInfo:
     return DATASETS[name]
 
 
-def build_dataset(name: str, data_dir: str | os.PathLike | None, split: str, download: bool = False) -> Dataset:
+def build_dataset(
+    name: str, data_dir: str | os.PathLike | None, split: str, download: bool = False, bad_images: str = "error"
+) -> Dataset:
     """Return the raw ``split`` (``'train'``/``'test'``) of dataset ``name``: items ``(PIL image | uint8 array, int)``.
 
     Missing files with ``download=False`` raise a ``FileNotFoundError`` naming the path and how to get the data.
+    ``bad_images`` (``'error'`` or ``'skip'``) is what an ``image_folder`` does with unreadable files.
     """
     info = dataset_info(name)
     if split not in ("train", "test"):
@@ -127,7 +135,11 @@ def build_dataset(name: str, data_dir: str | os.PathLike | None, split: str, dow
     if name == "image_folder" and not root.is_dir():
         raise missing
     try:
+        if name == "image_folder":
+            return _image_folder(root, split, download, bad_images)
         return info.build(root, split, download)
+    except BadImagesError:
+        raise
     except (RuntimeError, FileNotFoundError) as err:
         if download:
             raise
@@ -171,7 +183,12 @@ class TransformedDataset(Dataset):
                 array = np.asarray(Image.fromarray(array[:, :, :3]).convert("L"))[:, :, None]
         return array
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        """``index`` or ``(index, augmentation_seed)`` (from :class:`~vision_attn.data.resumable.EpochSampler`):
+        the seed makes the random augmentation of this item reproducible."""
+        if isinstance(index, tuple):
+            index, aug_seed = index
+            self.transform.set_random_seed(aug_seed)
         if self.indices is not None:
             index = int(self.indices[index])
         image, label = self.base[index]

@@ -47,21 +47,29 @@ def _in_chans(model: nn.Module) -> int | None:
 
 
 def check_model_images(model: nn.Module, images: torch.Tensor, name: str = "images") -> None:
-    """Raise ``TypeError``/``ValueError`` unless ``images`` ``[B, C, H, W]`` fits ``model`` (channels, size)."""
+    """Raise ``TypeError``/``ValueError`` unless ``images`` ``[B, C, H, W]`` fits ``model`` (channels, size) and
+    holds only finite values (a NaN would spread through attention and make every map meaningless)."""
     check = getattr(model, "check_input", None)
     if callable(check):
         check_images(images, name=name)
         check(images)
-        return
-    img_size = divisor = None
-    patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is not None and getattr(patch_embed, "img_size", None) is not None:
-        dynamic = getattr(model, "dynamic_img_size", False) or not getattr(patch_embed, "strict_img_size", True)
-        if not dynamic:
-            img_size = tuple(patch_embed.img_size)
-        elif not getattr(patch_embed, "dynamic_img_pad", False):
-            divisor = tuple(patch_embed.patch_size)
-    check_images(images, in_chans=_in_chans(model), img_size=img_size, divisor=divisor, name=name)
+    else:
+        img_size = divisor = None
+        patch_embed = getattr(model, "patch_embed", None)
+        if patch_embed is not None and getattr(patch_embed, "img_size", None) is not None:
+            dynamic = getattr(model, "dynamic_img_size", False) or not getattr(patch_embed, "strict_img_size", True)
+            if not dynamic:
+                img_size = tuple(patch_embed.img_size)
+            elif not getattr(patch_embed, "dynamic_img_pad", False):
+                divisor = tuple(patch_embed.patch_size)
+        check_images(images, in_chans=_in_chans(model), img_size=img_size, divisor=divisor, name=name)
+    finite = torch.isfinite(images).flatten(1).all(dim=1)
+    if not finite.all():
+        bad = (~finite).nonzero().flatten().tolist()
+        raise ValueError(
+            f"{name} hold NaN or Inf values (batch indices {bad[:10]}{' ...' if len(bad) > 10 else ''}); "
+            "explain needs finite, normalized images"
+        )
 
 
 def token_layout(

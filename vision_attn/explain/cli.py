@@ -182,7 +182,7 @@ def load_model(
             model = vision_attn.create_model(name, checkpoint_path=path, **model_args)
             info.update({k: meta[k] for k in ("mean", "std", "class_names") if k in meta})
         else:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)  # a Lightning checkpoint: trusted
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain types only
             if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
                 raise ValueError(f"checkpoint {path!r} is not a Lightning checkpoint (no 'state_dict')")
             saved = ckpt.get("vision_attn")  # written by train.py: model name/args, data stats and classes

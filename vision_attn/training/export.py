@@ -54,11 +54,11 @@ def _state_with_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str,
 
 def export_checkpoint(ckpt_path: str | os.PathLike, path: str | os.PathLike, use_ema: bool = True) -> Path:
     """Export the network of a ``train.py`` checkpoint (the EMA weights if it has them and ``use_ema``) to
-    ``path``; returns the ``.safetensors`` path. The checkpoint is unpickled: only use checkpoints you trust."""
+    ``path``; returns the ``.safetensors`` path. Loads with ``weights_only=True``: a file holding code is refused."""
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"ckpt_path {str(ckpt_path)!r} does not exist")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # never unpickles code
     info = ckpt.get("vision_attn") if isinstance(ckpt, dict) else None
     if not isinstance(info, dict) or "state_dict" not in ckpt:
         raise ValueError(f"ckpt_path {str(ckpt_path)!r} is not a train.py checkpoint (no 'vision_attn' key)")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import random
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import timm
 import torch
 from lightning.pytorch.callbacks import Timer
@@ -200,6 +202,13 @@ class ImageClassifier(L.LightningModule):
         else:
             logits = self.net(images)
             loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
+                f"(lr {self.trainer.optimizers[0].param_groups[0]['lr']:.3g}); stopping rather than training on it. "
+                "Lower model.lr, set trainer.gradient_clip_val, check the inputs for NaN, or resume from an earlier "
+                "checkpoint with --ckpt_path"
+            )
         self.train_acc1(logits.detach(), targets)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc1", self.train_acc1, prog_bar=True)
@@ -290,5 +299,30 @@ class ImageClassifier(L.LightningModule):
         return info
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store :meth:`export_info` under ``checkpoint['vision_attn']``."""
+        """Store :meth:`export_info` under ``checkpoint['vision_attn']`` and the random states (dropout, Mixup) under
+        ``checkpoint['rng_states']``, so a resumed run continues as the unbroken one would."""
         checkpoint["vision_attn"] = self.export_info()
+        checkpoint["rng_states"] = _rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the random states saved by :meth:`on_save_checkpoint` (when resuming a fit)."""
+        if "rng_states" in checkpoint:
+            _set_rng_states(checkpoint["rng_states"])
+
+
+def _rng_states() -> dict[str, Any]:
+    """torch, numpy and Python random states as tensors and plain types (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
