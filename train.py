@@ -7,7 +7,7 @@ python train.py test --config configs/default.yaml --ckpt_path best
 
 import sys
 
-from vision_attn.training.cli import main
+from vision_attn.cli import main  # bad input exits with code 2 and a one-line message
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pickle
 import sys
 
 USAGE = """usage: vision-attn {fit,validate,test,predict,explain,models} ...
@@ -12,9 +14,25 @@ USAGE = """usage: vision-attn {fit,validate,test,predict,explain,models} ...
 """
 
 
+# errors that mean "the input is wrong", reported as one line; anything else is a bug and keeps its traceback
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FloatingPointError, pickle.UnpicklingError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch to a subcommand; returns the process exit code."""
+    """Run a subcommand; returns the process exit code. A bad input exits with code 2 and a one-line message on
+    stderr (set ``VISION_ATTN_TRACEBACK=1`` to see the traceback instead)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _dispatch(argv)
+    except USER_ERRORS as err:
+        if os.environ.get("VISION_ATTN_TRACEBACK"):
+            raise
+        command = argv[0] if argv else ""
+        print(f"vision-attn {command}: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0

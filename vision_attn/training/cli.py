@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
@@ -63,6 +64,8 @@ class VisionAttnCLI(LightningCLI):
 def main(argv: list[str] | None = None) -> int:
     """Run LightningCLI on ``argv`` (default ``sys.argv[1:]``), e.g. ``['fit', '--config', 'configs/default.yaml']``;
     returns the exit code."""
+    # train.py passes sys.argv on purpose; Lightning warns about "both args and command line arguments"
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     VisionAttnCLI(
         ImageClassifier,
         ImageDataModule,
