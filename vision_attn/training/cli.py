@@ -60,6 +60,12 @@ class VisionAttnCLI(LightningCLI):
         for key in ("num_classes", "in_chans", "img_size"):
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
 
+    def before_instantiate_classes(self) -> None:
+        """Drop the default Rich progress bar when ``trainer.enable_progress_bar`` is false."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if config is not None and config.get("trainer", {}).get("enable_progress_bar") is False:
+            self.trainer_defaults["callbacks"] = []
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run LightningCLI on ``argv`` (default ``sys.argv[1:]``), e.g. ``['fit', '--config', 'configs/default.yaml']``;
