@@ -19,10 +19,20 @@ __all__ = ["AttentionOverlays", "ExportBackbone", "TrainSummary"]
 
 
 def _log_dir(trainer: L.Trainer) -> Path:
+    """``trainer.log_dir`` — a collective under DDP, so call it on every rank (``setup``), never in rank-zero code."""
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
-class AttentionOverlays(L.Callback):
+class _LogDirCallback(L.Callback):
+    """Resolves the run's log folder on every rank in ``setup``, for use later in rank-zero-only hooks."""
+
+    log_dir: Path | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.log_dir = _log_dir(trainer)
+
+
+class AttentionOverlays(_LogDirCallback):
     """Each validation epoch, draw attention-map overlays for a fixed batch of validation images.
 
     ``method='auto'`` uses attention rollout (Abnar & Zuidema 2020) for models with token attention, the
@@ -103,7 +113,7 @@ class AttentionOverlays(L.Callback):
         data = trainer.datamodule
         classes = getattr(data, "classes", None)
         titles = [classes[int(y)] if classes else str(int(y)) for y in self._labels]
-        out_dir = _log_dir(trainer) / "attention"
+        out_dir = (self.log_dir or Path(trainer.default_root_dir)) / "attention"
         out_dir.mkdir(parents=True, exist_ok=True)
         fig = method_grid(
             self._images, {method: maps.cpu()}, out_dir / f"epoch={trainer.current_epoch:03d}.png",
@@ -116,7 +126,7 @@ class AttentionOverlays(L.Callback):
                 logger.experiment.add_image(f"attention/{method}", rgb, trainer.global_step, dataformats="HWC")
 
 
-class ExportBackbone(L.Callback):
+class ExportBackbone(_LogDirCallback):
     """At the end of ``fit``, export the best checkpoint's network (else the current one) to
     ``<dirpath>/<filename>.safetensors`` + ``.json`` (default ``dirpath``: ``<log_dir>/export``)."""
 
@@ -130,7 +140,7 @@ class ExportBackbone(L.Callback):
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Write the export files."""
-        out = Path(self.dirpath) if self.dirpath else _log_dir(trainer) / "export"
+        out = Path(self.dirpath) if self.dirpath else (self.log_dir or Path(trainer.default_root_dir)) / "export"
         target = out / f"{self.filename}.safetensors"
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") if self.use_best else ""
         if best and Path(best).is_file():
@@ -145,7 +155,7 @@ class ExportBackbone(L.Callback):
         print(f"exported the network to {self.path} (+ {self.path.with_suffix('.json').name})")
 
 
-class TrainSummary(L.Callback):
+class TrainSummary(_LogDirCallback):
     """Measure fit wall time and training images/s (validation excluded); at the end of ``fit`` print the final
     metrics and write them to ``<log_dir>/summary.json``."""
 
@@ -206,6 +216,6 @@ class TrainSummary(L.Callback):
             if key != "metrics":
                 table.add_row(key, str(value))
         Console().print(table)
-        path = _log_dir(trainer) / "summary.json"
+        path = (self.log_dir or Path(trainer.default_root_dir)) / "summary.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=2) + "\n")
