@@ -9,10 +9,10 @@ run folder), one after the other, and prints a table of final validation accurac
 
 Both runs are time-boxed: ``--trainer.max_time 00:00:09:00`` with the cosine schedule running over that time
 (``--model.schedule time``, ``--trainer.max_epochs 100`` as an upper bound), so both networks get the same
-wall-clock budget and both anneal fully (the committed default config itself runs 30 epochs on the step schedule). timm's
-``resnet18`` is trained from random init, adapted to the input only through ``in_chans=1, num_classes=10``
-(standard stem: 64x64 inputs end as a 2x2 feature map). Results go to ``runs/bench_<model>/`` and
-``runs/bench_train_default.json``.
+wall-clock budget and both anneal fully (the committed default config itself runs 30 epochs on the step
+schedule). timm's ``resnet18`` is trained from random init, adapted to the input only through
+``in_chans=1, num_classes=10`` (standard stem: 64x64 inputs end as a 2x2 feature map). Results go to
+``runs/bench_<model>/`` and ``runs/bench_train_default.json``.
 """
 
 from __future__ import annotations
