@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import Sampler
@@ -48,11 +49,38 @@ class EpochSampler(Sampler[tuple[int, int]]):
     def __len__(self) -> int:
         return self.num_samples
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch whose order is being read (its position is kept by the iterator's own state)."""
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the epoch saved by :meth:`state_dict`."""
+        self.epoch = int(state_dict["epoch"])
+
+    def __iter__(self) -> _EpochIterator:
         if self.shuffle:
             generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
             order = torch.randperm(self.num_samples, generator=generator).tolist()
         else:
             order = list(range(self.num_samples))
-        for index in order:
-            yield index, sample_seed(self.seed, self.epoch, index)
+        return _EpochIterator([(index, sample_seed(self.seed, self.epoch, index)) for index in order])
+
+
+class _EpochIterator(Iterator[tuple[int, int]]):
+    """Iterator over one epoch's items whose position is saved and restored (torchdata's ``Stateful``)."""
+
+    def __init__(self, items: list[tuple[int, int]]) -> None:
+        self.items = items
+        self.position = 0
+
+    def __next__(self) -> tuple[int, int]:
+        if self.position >= len(self.items):
+            raise StopIteration
+        self.position += 1
+        return self.items[self.position - 1]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.position = int(state_dict["position"])

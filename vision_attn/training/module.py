@@ -127,6 +127,7 @@ class ImageClassifier(L.LightningModule):
                 label_smoothing=label_smoothing, num_classes=self.num_classes,
             )  # fmt: skip
         self.ema = ModelEmaV3(self.net, decay=ema_decay) if ema_decay is not None else None
+        self._schedule_steps: tuple[int, int] | None = None  # (warmup, total) optimizer steps, from on_train_start
         if self.ema is not None:
             self.ema.requires_grad_(False)  # updated by copying, never by the optimizer (and invisible to DDP)
 
@@ -257,7 +258,36 @@ class ImageClassifier(L.LightningModule):
         groups = param_groups_weight_decay(self.net, hp.weight_decay, no_weight_decay_list=no_decay)
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
 
-        trainer = self.trainer
+        if hp.schedule == "time" and self._timer() is None:
+            raise ValueError("schedule='time' needs a time budget: set trainer.max_time (e.g. '00:00:09:30')")
+        # the step counts are only known once the data are set up (on_train_start); asking Lightning for them
+        # here would build the train loader before a resumed run restores its position in the epoch
+        self._schedule_steps = None
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _timer(self) -> Timer | None:
+        return next((cb for cb in self.trainer.callbacks if isinstance(cb, Timer)), None)
+
+    def lr_factor(self, step: int) -> float:
+        """LR multiplier at optimizer step ``step``: linear warmup, then cosine down to ``min_lr_ratio``."""
+        if self._schedule_steps is None:
+            return 1.0  # LambdaLR's call at construction; on_train_start sets the real value
+        warmup_steps, total_steps = self._schedule_steps
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if self.hparams.schedule == "time":
+            timer = self._timer()
+            elapsed = timer.time_elapsed("train")
+            progress = elapsed / max(1e-9, elapsed + timer.time_remaining("train"))
+        else:
+            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+        return self.hparams.min_lr_ratio + (1 - self.hparams.min_lr_ratio) * cosine
+
+    def on_train_start(self) -> None:
+        """Fix the schedule's step counts (rejecting a warmup longer than the run) and set the current LR."""
+        trainer, hp = self.trainer, self.hparams
         total_steps = max(1, int(trainer.estimated_stepping_batches))
         steps_per_epoch = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
         warmup_steps = round(hp.warmup_epochs * steps_per_epoch)
@@ -268,25 +298,11 @@ class ImageClassifier(L.LightningModule):
                     f"({total_steps} steps: trainer.max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps})"
                 )
             warmup_steps = total_steps
-        min_ratio = hp.min_lr_ratio
-        timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
-        if hp.schedule == "time" and timer is None:
-            raise ValueError("schedule='time' needs a time budget: set trainer.max_time (e.g. '00:00:09:30')")
-
-        def progress(step: int) -> float:
-            if hp.schedule == "time":
-                elapsed = timer.time_elapsed("train")
-                return elapsed / max(1e-9, elapsed + timer.time_remaining("train"))
-            return (step - warmup_steps) / max(1, total_steps - warmup_steps)
-
-        def lr_factor(step: int) -> float:
-            if step < warmup_steps:
-                return (step + 1) / warmup_steps
-            cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress(step)))))
-            return min_ratio + (1 - min_ratio) * cosine
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        self._schedule_steps = (warmup_steps, total_steps)
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
+                group["lr"] = base_lr * self.lr_factor(scheduler.last_epoch)
 
     def export_info(self) -> dict[str, Any]:
         """What rebuilds the network without Lightning: model name and args, and the data's stats and classes."""

@@ -1,0 +1,96 @@
+"""Interrupted and repeated training runs of the default config: SIGKILL mid-epoch + ``--ckpt_path last`` ends
+with exactly the weights of an unbroken run, and two runs with one seed give the same metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS_PER_EPOCH = 24
+
+
+def train_command(out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs" / "default.yaml"),
+        "--data.batch_size=16", "--data.eval_batch_size=100", "--data.num_workers=0",
+        f"--trainer.limit_train_batches={STEPS_PER_EPOCH}", "--trainer.limit_val_batches=2",
+        "--trainer.max_epochs=2", "--trainer.max_time=null", "--trainer.logger=false",
+        f"--trainer.default_root_dir={out}",
+        f"--checkpoint.dirpath={out}/checkpoints", f"--export.dirpath={out}/export",
+        "--step_checkpoint.every_n_train_steps=2", "--overlays.every_n_epochs=0", *extra,
+    ]  # fmt: skip
+
+
+def run_env() -> dict[str, str]:
+    return {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def train(out: Path, *extra: str) -> dict:
+    subprocess.run(train_command(out, *extra), check=True, env=run_env(), cwd=out.parent, capture_output=True)
+    return torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+def saved_step(path: Path) -> int:
+    try:
+        return int(torch.load(path, weights_only=True)["global_step"])
+    except (FileNotFoundError, RuntimeError, EOFError, KeyError):
+        return -1  # not written yet, or being replaced right now
+
+
+def assert_same_run(a: dict, b: dict) -> None:
+    assert a["global_step"] == b["global_step"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), f"{key} differs"
+    score = "best_model_score"
+    best_a = next(v[score] for k, v in a["callbacks"].items() if "val/acc1" in k)
+    best_b = next(v[score] for k, v in b["callbacks"].items() if "val/acc1" in k)
+    assert torch.equal(best_a, best_b)
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("unbroken") / "run"
+    return train(out)
+
+
+def test_same_seed_same_metrics(unbroken, tmp_path):
+    again = train(tmp_path / "run")
+    assert unbroken["global_step"] == 2 * STEPS_PER_EPOCH
+    assert_same_run(unbroken, again)
+
+
+def test_sigkill_mid_epoch_then_resume_matches_unbroken_run(unbroken, tmp_path):
+    out = tmp_path / "run"
+    last = out / "checkpoints" / "last.ckpt"
+    target = STEPS_PER_EPOCH + 6  # inside the second epoch, after its first step checkpoints
+    process = subprocess.Popen(
+        train_command(out), env=run_env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while saved_step(last) < target:
+            if process.poll() is not None:
+                pytest.fail(f"training ended (code {process.returncode}) before step {target} could be interrupted")
+            if time.monotonic() > deadline:
+                pytest.fail("training did not reach the step to interrupt within 300 s")
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL
+    killed_at = saved_step(last)
+    assert STEPS_PER_EPOCH < killed_at < 2 * STEPS_PER_EPOCH, "the kill must land mid-epoch"
+
+    resumed = train(out, "--ckpt_path=last")
+    assert_same_run(unbroken, resumed)
