@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import io
+import pickle
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
 
+from vision_attn.cli import main
+from vision_attn.data import ImageDataModule
 from vision_attn.data.resumable import EpochSampler, sample_seed
 from vision_attn.data.verify import BadImagesError, check_image_files, find_bad_images
+from vision_attn.training import ImageClassifier
+from vision_attn.training.export import export_checkpoint
 
 
 def jpeg_bytes(seed: int, size: int = 32) -> bytes:
@@ -80,3 +88,52 @@ def test_epoch_sampler_order_depends_only_on_seed_and_epoch():
     assert len({s for _, s in first}) == 50  # distinct augmentation seeds per item
     assert first[0][1] == sample_seed(3, 2, first[0][0])
     assert [i for i, _ in EpochSampler(5, seed=3, shuffle=False)] == [0, 1, 2, 3, 4]
+
+
+class NaNNet(torch.nn.Module):
+    num_classes = 10
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1)) * float("nan")
+
+
+def test_non_finite_loss_stops_training_with_a_clear_message():
+    images, labels = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    loader = DataLoader(TensorDataset(images, labels), batch_size=4)
+    module = ImageClassifier(NaNNet(), num_classes=10, warmup_epochs=0.0)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"training loss is nan at epoch 0, step 0 .*Lower model.lr"):
+        trainer.fit(module, loader)
+
+
+def test_checkpoints_are_loaded_without_unpickling_code(tmp_path, capsys):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this code ran while loading",))
+
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "vision_attn": {"model_name": "x"}, "payload": Payload()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        export_checkpoint(path, tmp_path / "out.safetensors")
+    assert main(["explain", "--checkpoint", str(path), "--images", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert "this code ran" not in capsys.readouterr().out
+
+
+def test_image_datamodule_fails_before_training_or_skips_on_request(tmp_path):
+    bad = make_corrupt_folder(tmp_path)
+    strict = ImageDataModule(name="image_folder", data_dir=str(tmp_path), img_size=32, num_workers=0, batch_size=2)
+    with pytest.raises(BadImagesError, match=r"truncated.jpg"):
+        strict.setup()
+    lenient = ImageDataModule(name="image_folder", data_dir=str(tmp_path), img_size=32, num_workers=0, batch_size=2,
+                              bad_images="skip", val_fraction=0.0)  # fmt: skip
+    with pytest.warns(UserWarning, match=r"skipping 3 unreadable file\(s\)"):
+        lenient.setup()
+    assert len(lenient.train_set) == 8
+    for images, _ in lenient.train_dataloader():  # a whole epoch reads without error
+        assert images.shape[1:] == (3, 32, 32)
+    assert str(bad["truncated"]) not in {path for path, _ in lenient.train_set.base.samples}
