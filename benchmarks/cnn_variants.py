@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from _timing import time_inference, time_training  # benchmarks/ is on sys.path when run
 from torch.utils.flop_counter import FlopCounterMode
 
 import vision_attn
@@ -38,24 +38,6 @@ def count_macs(model: torch.nn.Module, size: int) -> float:
     with torch.inference_mode(), counter:
         model(torch.randn(1, 3, size, size))
     return counter.get_total_flops() / 2
-
-
-def time_inference(model: torch.nn.Module, x: torch.Tensor) -> float:
-    model.eval()
-    with torch.inference_mode():
-        start = time.perf_counter()
-        model(x)
-        return time.perf_counter() - start
-
-
-def time_training(model: torch.nn.Module, x: torch.Tensor, opt: torch.optim.Optimizer) -> float:
-    model.train()
-    start = time.perf_counter()
-    loss = model(x).logsumexp(dim=1).mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return time.perf_counter() - start
 
 
 def images_per_second(

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from _timing import time_inference, time_training  # benchmarks/ is on sys.path when run
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
 from vision_attn.models import VisionTransformer
@@ -25,24 +25,6 @@ CONFIGS = {
     "224px/patch16 tiny": dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3, num_classes=1000),
 }
 BATCH = {"32px/patch4/dim192/depth6": (256, 64), "224px/patch16 tiny": (32, 16)}  # (inference, training)
-
-
-def time_inference(model: torch.nn.Module, x: torch.Tensor) -> float:
-    model.eval()
-    with torch.inference_mode():
-        start = time.perf_counter()
-        model(x)
-        return time.perf_counter() - start
-
-
-def time_training(model: torch.nn.Module, x: torch.Tensor, opt: torch.optim.Optimizer) -> float:
-    model.train()
-    start = time.perf_counter()
-    loss = model(x).logsumexp(dim=1).mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return time.perf_counter() - start
 
 
 def bench(name: str, cfg: dict, repeats: int) -> dict[str, float]:

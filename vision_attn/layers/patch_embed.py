@@ -21,7 +21,29 @@ from vision_attn.layers.checks import to_2tuple_int
 __all__ = ["ConvTokenizer", "PatchEmbed", "ShiftedPatchEmbed"]
 
 
-class PatchEmbed(nn.Module):
+class _PatchGrid(nn.Module):
+    """Geometry shared by the non-overlapping patch embeddings: ``img_size``, ``patch_size`` and the token grid."""
+
+    def __init__(self, img_size: int | tuple[int, int], patch_size: int | tuple[int, int]) -> None:
+        super().__init__()
+        self.img_size = to_2tuple_int(img_size, "img_size")
+        self.patch_size = to_2tuple_int(patch_size, "patch_size")
+        if self.img_size[0] % self.patch_size[0] or self.img_size[1] % self.patch_size[1]:
+            raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        self.input_divisor = self.patch_size
+        self.grid_size = self.dynamic_feat_size(self.img_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+    def feat_ratio(self) -> tuple[int, int]:
+        """Return the spatial reduction (stride) from image pixels to tokens."""
+        return self.patch_size
+
+    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        """Return the token grid ``(gh, gw)`` for an input of ``img_size``."""
+        return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
+
+
+class PatchEmbed(_PatchGrid):
     """Split an image into ``patch_size`` patches and project each to ``embed_dim``; returns ``[B, gh, gw, C]``."""
 
     def __init__(
@@ -33,31 +55,16 @@ class PatchEmbed(nn.Module):
         norm_layer: Callable[[int], nn.Module] | None = None,
         bias: bool = True,
     ) -> None:
-        super().__init__()
-        self.img_size = to_2tuple_int(img_size, "img_size")
-        self.patch_size = to_2tuple_int(patch_size, "patch_size")
-        self.input_divisor = self.patch_size
-        self.grid_size = self.dynamic_feat_size(self.img_size)
-        if self.img_size[0] % self.patch_size[0] or self.img_size[1] % self.patch_size[1]:
-            raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        super().__init__(img_size, patch_size)
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
         self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
-
-    def feat_ratio(self) -> tuple[int, int]:
-        """Return the spatial reduction (stride) from image pixels to tokens."""
-        return self.patch_size
-
-    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
-        """Return the token grid ``(gh, gw)`` for an input of ``img_size``."""
-        return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x).permute(0, 2, 3, 1)  # B, C, H, W -> B, gh, gw, D
         return self.norm(x)
 
 
-class ShiftedPatchEmbed(nn.Module):
+class ShiftedPatchEmbed(_PatchGrid):
     """Shifted Patch Tokenization (Lee et al. 2021): concatenate the image with four copies shifted by half a
     patch diagonally, then patch-flatten, LayerNorm and project. Returns ``[B, gh, gw, embed_dim]``."""
 
@@ -70,26 +77,11 @@ class ShiftedPatchEmbed(nn.Module):
         norm_layer: Callable[[int], nn.Module] | None = None,
         bias: bool = True,
     ) -> None:
-        super().__init__()
-        self.img_size = to_2tuple_int(img_size, "img_size")
-        self.patch_size = to_2tuple_int(patch_size, "patch_size")
-        if self.img_size[0] % self.patch_size[0] or self.img_size[1] % self.patch_size[1]:
-            raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
-        self.input_divisor = self.patch_size
-        self.grid_size = self.dynamic_feat_size(self.img_size)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        super().__init__(img_size, patch_size)
         patch_dim = 5 * in_chans * self.patch_size[0] * self.patch_size[1]
         self.patch_norm = nn.LayerNorm(patch_dim)
         self.proj = nn.Linear(patch_dim, embed_dim, bias=bias)
         self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
-
-    def feat_ratio(self) -> tuple[int, int]:
-        """Return the spatial reduction (stride) from image pixels to tokens."""
-        return self.patch_size
-
-    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
-        """Return the token grid ``(gh, gw)`` for an input of ``img_size``."""
-        return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
