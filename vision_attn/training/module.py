@@ -329,10 +329,11 @@ class ImageClassifier(L.LightningModule):
 def _rng_states() -> dict[str, Any]:
     """torch, numpy and Python random states as tensors and plain types (loadable with ``weights_only=True``)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "python": [version, list(internal), gauss],
     }
 
 
