@@ -106,12 +106,12 @@ def test_embedded_datamodule_shapes_and_normalization() -> None:
     assert not set(dm.val_set.indices) & set(dm.train_set.indices)
 
 
-def test_grey_data_as_rgb_and_val_on_test() -> None:
-    dm = ImageDataModule(in_chans=3, batch_size=4, num_workers=0, val_fraction=0.0)
+def test_grey_data_as_rgb() -> None:
+    dm = ImageDataModule(in_chans=3, batch_size=4, num_workers=0, val_fraction=0.1)
     dm.setup("fit")
-    assert len(dm.val_set) == 1000
+    assert (len(dm.val_set), len(dm.test_set)) == (400, 1000)
     assert len(dm.mean) == 3
-    x, _ = _batch(dm.val_dataloader())
+    x, _ = _batch(dm.test_dataloader())
     assert x.shape == (4, 3, 64, 64)
     torch.testing.assert_close(x[:, 0], x[:, 1])
 
@@ -125,12 +125,12 @@ def test_image_folder_cifar_jpeg(cifar_folder: Path) -> None:
     assert dm.mean == (0.5, 0.5, 0.5)
     dm.setup("fit")
     assert dm.classes == ["airplane", "cat", "ship"]
-    assert (len(dm.train_set), len(dm.val_set)) == (36, 12)
+    assert (len(dm.train_set), len(dm.test_set)) == (36, 12)
     x, y = _batch(dm.train_dataloader())
     assert x.shape == (6, 3, 32, 32)
     assert x.dtype == torch.float32
     assert set(y.tolist()) <= {0, 1, 2}
-    x, _ = _batch(dm.val_dataloader())
+    x, _ = _batch(dm.test_dataloader())
     assert x.min() >= (0 - 0.5) / 0.25 - 1e-5
     assert x.max() <= (1 - 0.5) / 0.25 + 1e-5
     grey = ImageDataModule("image_folder", str(cifar_folder), img_size=48, in_chans=1, num_workers=0, batch_size=2)

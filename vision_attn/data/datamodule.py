@@ -24,9 +24,12 @@ warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchd
 class ImageDataModule(L.LightningDataModule):
     """Train / val / test / predict loaders for the dataset ``name`` with albumentations pipelines.
 
-    ``val_fraction`` of the train split (seeded by ``seed``) is held out for validation; ``val_fraction=0``
-    validates on the test split instead. ``img_size``/``in_chans``/``mean``/``std`` default to the dataset's;
-    grey data with ``in_chans=3`` is repeated to RGB, RGB data with ``in_chans=1`` converted to luminance.
+    ``val_fraction`` of the train split (seeded by ``seed``) is held out for validation (model selection,
+    early stopping); ``val_fraction=0`` means no validation at all. The test split is never used for validation:
+    it is read only by ``test`` (which ``fit`` runs once, at its end).
+
+    ``img_size``/``in_chans``/``mean``/``std`` default to the dataset's; grey data with ``in_chans=3`` is
+    repeated to RGB, RGB data with ``in_chans=1`` converted to luminance.
     ``num_classes``, ``in_chans``, ``img_size``, ``mean`` and ``std`` are attributes right after construction
     (LightningCLI links them to the model).
     """
@@ -136,10 +139,7 @@ class ImageDataModule(L.LightningDataModule):
         num_val = round(n * self.val_fraction)
         train_idx, val_idx = np.sort(order[num_val:]), np.sort(order[:num_val])
         self.train_set = TransformedDataset(train, self.train_transform, self.in_chans, train_idx)
-        if num_val:
-            self.val_set = TransformedDataset(train, self.eval_transform, self.in_chans, val_idx)
-        else:
-            self.val_set = TransformedDataset(test, self.eval_transform, self.in_chans)
+        self.val_set = TransformedDataset(train, self.eval_transform, self.in_chans, val_idx) if num_val else None
         self.test_set = TransformedDataset(test, self.eval_transform, self.in_chans)
 
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
@@ -161,8 +161,11 @@ class ImageDataModule(L.LightningDataModule):
         """Shuffled, augmented train loader (last partial batch dropped)."""
         return self._loader(self.train_set, train=True)
 
-    def val_dataloader(self) -> DataLoader:
-        """Validation loader (eval pipeline)."""
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation loader over the held-out part of the train split (eval pipeline); ``[]`` (Lightning then
+        skips validation) when ``val_fraction=0``."""
+        if self.val_set is None and self.train_set is not None:
+            return []
         return self._loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from vision_attn._io import atomic_write_text
 from vision_attn.training.export import export_checkpoint, export_model
 
 __all__ = ["AttentionOverlays", "ExportBackbone", "TrainSummary"]
@@ -157,7 +158,8 @@ class ExportBackbone(_LogDirCallback):
 
 class TrainSummary(_LogDirCallback):
     """Measure fit wall time and training images/s (validation excluded); at the end of ``fit`` print the final
-    metrics and write them to ``<log_dir>/summary.json``."""
+    metrics and write them to ``<log_dir>/summary.json``; a ``test`` run in the same process after ``fit`` adds
+    its metrics there under ``'test'``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -165,6 +167,7 @@ class TrainSummary(_LogDirCallback):
         self._last = 0.0
         self.train_seconds = 0.0
         self.train_images = 0
+        self._summary: dict[str, Any] | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_start = time.perf_counter()
@@ -216,6 +219,26 @@ class TrainSummary(_LogDirCallback):
             if key != "metrics":
                 table.add_row(key, str(value))
         Console().print(table)
+        self._summary = summary
+        self._write(trainer)
+
+    @rank_zero_only
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After the test that follows ``fit``, add the test metrics (and which weights were tested) to
+        ``summary.json`` under ``'test'``."""
+        if self._summary is None:
+            return  # a plain ``test`` run: Lightning prints its own table and there is no fit summary to extend
+        ckpt = trainer.ckpt_path
+        self._summary["test"] = {
+            "metrics": {
+                k: round(float(v), 5)
+                for k, v in sorted(trainer.callback_metrics.items())
+                if k.startswith("test/") and v.numel() == 1
+            },
+            "checkpoint": str(ckpt) if ckpt else "final weights",
+        }
+        self._write(trainer)
+
+    def _write(self, trainer: L.Trainer) -> None:
         path = (self.log_dir or Path(trainer.default_root_dir)) / "summary.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(self._summary, indent=2) + "\n")

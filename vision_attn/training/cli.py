@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
+import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -59,6 +61,12 @@ class VisionAttnCLI(LightningCLI):
         parser.add_lightning_class_args(TrainSummary, "summary")
         for key in ("num_classes", "in_chans", "img_size"):
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=True,
+            help="after fit, evaluate the best checkpoint (by val/acc1) once on the test split",
+        )
 
     def before_instantiate_classes(self) -> None:
         """Drop the default Rich progress bar when ``trainer.enable_progress_bar`` is false."""
@@ -72,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     returns the exit code."""
     # train.py passes sys.argv on purpose; Lightning warns about "both args and command line arguments"
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    VisionAttnCLI(
+    cli = VisionAttnCLI(
         ImageClassifier,
         ImageDataModule,
         args=list(sys.argv[1:] if argv is None else argv),
@@ -80,4 +88,18 @@ def main(argv: list[str] | None = None) -> int:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"default_env": False},
     )
+    if cli.subcommand == "fit" and cli.config["fit"].get("test_after_fit", True):
+        test_after_fit(cli.trainer, cli.model, cli.datamodule)
     return 0
+
+
+def test_after_fit(trainer: L.Trainer, model: L.LightningModule, datamodule: L.LightningDataModule) -> None:
+    """Evaluate once on the test split after ``fit``: the best checkpoint by the validation metric (selected on the
+    held-out part of the train split, never on the test split), else the final weights. Skipped when the fit
+    was interrupted. The metrics are printed and added to ``summary.json`` by ``TrainSummary``."""
+    if trainer.interrupted or not hasattr(datamodule, "test_dataloader"):
+        return
+    callback = trainer.checkpoint_callback
+    best = getattr(callback, "best_model_path", "") if callback is not None else ""
+    ckpt_path = best if best and Path(best).is_file() and not trainer.fast_dev_run else None
+    trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path)
