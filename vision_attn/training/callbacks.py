@@ -191,8 +191,10 @@ class TrainSummary(_LogDirCallback):
         metrics = {k: round(float(v), 5) for k, v in sorted(trainer.callback_metrics.items()) if v.numel() == 1}
         ckpt = trainer.checkpoint_callback
         best_score = getattr(ckpt, "best_model_score", None)
+        net = getattr(trainer.lightning_module, "net", trainer.lightning_module)
         return {
             "metrics": metrics,
+            "num_parameters": sum(p.numel() for p in net.parameters()),
             "epochs": trainer.current_epoch,
             "global_step": trainer.global_step,
             "fit_seconds": round(time.perf_counter() - self._fit_start, 1),
