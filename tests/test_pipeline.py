@@ -32,3 +32,22 @@ def test_batched_loading_is_reproducible_and_random_per_item() -> None:
     assert not torch.equal(twice[0][0], twice[1][0])
     # and the batch path gives what the one-item path gives for the batch's first item
     torch.testing.assert_close(dataset[(5, 99)][0], dataset.__getitems__([(5, 99), (6, 1)])[0][0])
+
+
+def test_grid_image_draws_cells_boxes_and_titles() -> None:
+    import numpy as np
+
+    from vision_attn.explain.plot import grid_image, overlay
+
+    images = torch.rand(2, 1, 16, 16)
+    maps = {"rollout": torch.rand(2, 16, 16)}
+    rgb = grid_image(images, maps, row_titles=["a / b", "c / d"], boxes=torch.tensor([[2, 2, 10, 10]] * 2), scale=2)
+    gap, band = 2, 12
+    assert rgb.dtype == np.uint8
+    assert rgb.shape == (band + 2 * (32 + band + gap), 2 * (32 + gap) + gap, 3)
+    top, left = 2 * band, gap + 32 + gap  # first row, overlay column
+    expected = (overlay(images[0], maps["rollout"][0]) * 255).round()
+    cell = rgb[top : top + 32, left : left + 32].astype(float)
+    assert np.abs(cell[9:18:2, 9:18:2] - expected[4:9, 4:9]).max() <= 1  # inside the box outline
+    assert tuple(rgb[top + 4, left + 4]) == (0, 255, 0)  # the box's top-left corner, scaled by 2
+    assert rgb[band : 2 * band].min() < 128  # the row title is written in its band
