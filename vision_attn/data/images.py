@@ -86,21 +86,20 @@ def channel_stats(
     """
     if values is None:
         return None
-    stats = tuple(float(v) for v in (values if isinstance(values, Sequence) else [values]))
-    if len(stats) == 1:
-        stats = stats * in_chans
-    elif len(stats) == 3 and in_chans == 1 and convert:
-        stats = (sum(stats) / 3,)
-    elif len(stats) != in_chans:
-        raise ValueError(
-            f"{name} has {len(stats)} values {list(stats)}; expected 1 or {in_chans} (one per channel: the model "
-            f"takes in_chans={in_chans})"
-        )
-    if not all(np.isfinite(stats)):
-        raise ValueError(f"{name} {list(stats)} must be finite numbers")
-    if "std" in name and min(stats) <= 0:
-        raise ValueError(f"{name} {list(stats)} must be > 0 (it divides the image)")
-    return stats
+    given = tuple(float(v) for v in (values if isinstance(values, Sequence) else [values]))
+    if not all(np.isfinite(given)):
+        raise ValueError(f"{name} {list(given)} must be finite numbers")
+    if "std" in name and min(given, default=1.0) <= 0:
+        raise ValueError(f"{name} {list(given)} must be > 0 (it divides the image)")
+    if len(given) == 1:
+        return given * in_chans
+    if len(given) == 3 and in_chans == 1 and convert:
+        return (sum(given) / 3,)
+    if len(given) != in_chans:
+        expected = "1 value" if in_chans == 1 else f"1 or {in_chans} values (one per channel)"
+        raise ValueError(f"{name} has {len(given)} values {list(given)}; expected {expected}: the model takes "
+                         f"in_chans={in_chans}")  # fmt: skip
+    return given
 
 
 def _normalize(batch: torch.Tensor, mean: Sequence[float] | None, std: Sequence[float] | None) -> torch.Tensor:

@@ -434,6 +434,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         label = info["name"] if len(sources) == 1 else f"{index}:{info['name']}"
         with torch.no_grad():
             logits = torch.cat([model(chunk) for chunk in images.split(args.batch_size)])
+        if args.target is not None and logits.ndim == 2 and args.target >= logits.shape[1]:
+            raise ValueError(
+                f"--target {args.target} is out of range: model {info['name']} has {logits.shape[1]} classes "
+                f"(0 to {logits.shape[1] - 1})"
+            )
         probs = logits.float().softmax(dim=-1)
         class_names = list(info.get("class_names") or [])
         for i, rec in enumerate(records):
