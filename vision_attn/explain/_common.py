@@ -59,19 +59,23 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def _is_index(value: object, scalar: bool = False) -> bool:
+    """Whether ``value`` is an int or an integer tensor (0-d only with ``scalar``); bools are not indices."""
+    if isinstance(value, torch.Tensor):
+        integer = not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+        return integer and (value.ndim == 0 or not scalar)
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
 def check_target(target: object) -> None:
     """Raise ``TypeError`` unless ``target`` is ``None``, an int, a sequence of ints or an integer tensor."""
-    if target is None:
-        return
-    if isinstance(target, torch.Tensor) and not (target.is_floating_point() or target.is_complex()):
-        return
-    if isinstance(target, Integral) and not isinstance(target, bool):
+    if target is None or _is_index(target):
         return
     if isinstance(target, Sequence) and not isinstance(target, (str, bytes)):
-        if all(isinstance(t, Integral) and not isinstance(t, bool) for t in target):
+        bad = [t for t in target if not _is_index(t, scalar=True)]
+        if not bad:
             return
-        bad = next(t for t in target if not isinstance(t, Integral) or isinstance(t, bool))
-        raise TypeError(f"target must hold integer class indices, got {type(bad).__name__} {bad!r} in {target!r}")
+        raise TypeError(f"target must hold integer class indices, got {type(bad[0]).__name__} {bad[0]!r} in {target!r}")
     what = f"dtype {target.dtype}" if isinstance(target, torch.Tensor) else f"{type(target).__name__} {target!r}"
     raise TypeError(f"target must be None, an int class index or one int per image, got {what}")
 
