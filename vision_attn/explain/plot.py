@@ -17,6 +17,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from vision_attn._io import atomic_open
+
 __all__ = ["grid_image", "method_grid", "overlay", "save_overlay", "to_display_image"]
 
 
@@ -65,10 +67,12 @@ def overlay(
 
 
 def save_overlay(path: str | os.PathLike, image: torch.Tensor, saliency: torch.Tensor, **kwargs: object) -> None:
-    """Write :func:`overlay` of ``image`` and ``saliency`` (``kwargs`` as there) to the PNG ``path``."""
+    """Write :func:`overlay` of ``image`` and ``saliency`` (``kwargs`` as there) to the PNG ``path`` (atomically)."""
     from matplotlib.image import imsave
 
-    imsave(os.fspath(path), np.clip(overlay(image, saliency, **kwargs), 0, 1), format="png")  # type: ignore[arg-type]
+    rgb = np.clip(overlay(image, saliency, **kwargs), 0, 1)  # type: ignore[arg-type]
+    with atomic_open(path, "wb") as f:
+        imsave(f, rgb, format="png")
 
 
 def method_grid(
@@ -86,8 +90,9 @@ def method_grid(
     """Draw an image x method grid: one row per image, the image then one overlay per method in ``maps``.
 
     ``images`` ``[B, C, H, W]``; ``maps`` ``{method: [B, H, W] in [0, 1]}``; ``boxes`` ``[B, 4]``
-    (x_min, y_min, x_max, y_max) are outlined on every cell; a ``:`` in a method name breaks its title line.
-    Returns the ``Figure``; also saves it as PNG when ``path`` is given.
+    (x_min, y_min, x_max, y_max) are outlined on every cell (a row whose box holds NaN gets none); a ``:`` in a
+    method name breaks its title line. Returns the ``Figure``; also saves it as PNG (atomically) when ``path`` is
+    given.
     """
     if images.ndim != 4:
         raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
@@ -107,7 +112,7 @@ def method_grid(
             ax.imshow(np.clip(cell, 0, 1), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            if boxes is not None:
+            if boxes is not None and bool(torch.isfinite(torch.as_tensor(boxes[r])).all()):
                 x0, y0, x1, y1 = (float(v) for v in boxes[r])
                 ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec="lime", lw=1))
             if r == 0:
@@ -116,7 +121,8 @@ def method_grid(
             axes[r][0].set_ylabel(row_titles[r], fontsize=8)
     fig.tight_layout(pad=0.3)
     if path is not None:
-        fig.savefig(os.fspath(path), format="png")
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png")
     return fig
 
 

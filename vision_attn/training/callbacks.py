@@ -71,9 +71,13 @@ class AttentionOverlays(_LogDirCallback):
         base, indices = getattr(dataset, "base", None), getattr(dataset, "indices", None)
         boxes = getattr(base, "boxes", None)
         native = getattr(base, "images", None)
-        if boxes is not None and native is not None and native.shape[-1] == self._images.shape[-1]:
+        transform = getattr(dataset, "transform", None)
+        if boxes is not None and native is not None and hasattr(transform, "transforms"):
+            from vision_attn.data.images import transform_boxes
+
             rows = indices[:count] if indices is not None else np.arange(count)
-            self._boxes = torch.as_tensor(boxes[rows], dtype=torch.float32)
+            # the boxes go through the same eval resize + crop as the images, so they outline the object drawn
+            self._boxes = torch.cat([transform_boxes(transform, native[row].shape, boxes[row]) for row in rows])
 
     def _explain(self, net: torch.nn.Module, images: torch.Tensor) -> tuple[str, torch.Tensor]:
         from vision_attn.explain import explain
