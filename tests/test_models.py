@@ -13,7 +13,7 @@ MODEL_NAMES = vision_attn.list_models()
 
 def small_kwargs(name: str) -> dict:
     """Shrink the big registered configs so the whole registry runs in seconds on 2 CPU cores."""
-    if "_vit_" in name or name.startswith("va_cct"):
+    if "_vit" in name or name.startswith("va_cct"):
         return {"depth": 1 if "224" in name else 2}
     if name.startswith("va_resnet"):
         return {"img_size": 64 if name.endswith("_224") else 16, "layers": (1, 1, 1, 1), "channels": (16, 32, 64, 128)}

@@ -271,3 +271,32 @@ def test_attention_dropout_is_applied_on_both_paths_in_training():
     model.eval()
     torch.testing.assert_close(model(x), model(x))
     assert F.softmax(model(x), -1).sum().item() == pytest.approx(2.0, abs=1e-5)
+
+
+def test_conv_stem_embed_grid_widths_and_errors() -> None:
+    from vision_attn.layers import ConvStemEmbed
+
+    stem = ConvStemEmbed(img_size=64, patch_size=8, in_chans=1, embed_dim=40, stem_chans=(8, 16, 32))
+    tokens = stem(torch.randn(2, 1, 64, 64))
+    assert tokens.shape == (2, 8, 8, 40)
+    assert stem.grid_size == (8, 8)
+    assert stem.feat_ratio() == (8, 8)
+    convs = [m for m in stem.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.stride[0]) for c in convs] == [(8, 2), (16, 2), (32, 2), (40, 1)]
+    assert stem.dynamic_feat_size((48, 32)) == (6, 4)
+    assert ConvStemEmbed(img_size=32, patch_size=4, embed_dim=64).grid_size == (8, 8)
+    with pytest.raises(ValueError, match="power of 2"):
+        ConvStemEmbed(img_size=60, patch_size=6)
+    with pytest.raises(ValueError, match=r"stem_chans \[8\] must give 3 positive widths"):
+        ConvStemEmbed(patch_size=8, stem_chans=(8,))
+
+
+def test_default_model_pools_by_sequence_attention_over_conv_tokens() -> None:
+    model = vision_attn.create_model("va_vitc_seq_tiny_patch8_64", in_chans=1).eval()
+    assert model.num_prefix_tokens == 0
+    assert model.global_pool == "seq"
+    x = torch.randn(3, 1, 64, 64)
+    tokens = model.forward_features(x)
+    assert tokens.shape == (3, 64, 128)
+    weights = model.attn_pool.attention_pool(tokens).softmax(dim=1)  # B, N, 1
+    torch.testing.assert_close(model.forward_head(tokens, pre_logits=True), (weights * tokens).sum(dim=1))

@@ -6,7 +6,7 @@ from vision_attn.layers.attention import Attention
 from vision_attn.layers.attention_tap import AttentionTap, HookPoint, attention_hook_points
 from vision_attn.layers.block import Block
 from vision_attn.layers.checks import check_images
-from vision_attn.layers.patch_embed import ConvTokenizer, PatchEmbed, ShiftedPatchEmbed
+from vision_attn.layers.patch_embed import ConvStemEmbed, ConvTokenizer, PatchEmbed, ShiftedPatchEmbed
 from vision_attn.layers.pooling import SequencePool
 from vision_attn.layers.pos_embed import resample_abs_pos_embed, sincos_2d_pos_embed
 
@@ -14,6 +14,7 @@ __all__ = [
     "Attention",
     "AttentionTap",
     "Block",
+    "ConvStemEmbed",
     "ConvTokenizer",
     "DropPath",
     "HookPoint",

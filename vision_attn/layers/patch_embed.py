@@ -5,20 +5,23 @@
   Small-Size Datasets").
 * :class:`ConvTokenizer` — convolutional tokenizer of CCT (Hassani et al. 2021, "Escaping the Big Data
   Paradigm with Compact Transformers").
+* :class:`ConvStemEmbed` — a stack of stride-2 3x3 conv-BN-ReLU layers and a 1x1 projection in place of the
+  patchify convolution (Xiao et al. 2021, "Early Convolutions Help Transformers See Better").
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer_hybrid import ConvStem
 from torch import nn
 
 from vision_attn.layers.checks import to_2tuple_int
 
-__all__ = ["ConvTokenizer", "PatchEmbed", "ShiftedPatchEmbed"]
+__all__ = ["ConvStemEmbed", "ConvTokenizer", "PatchEmbed", "ShiftedPatchEmbed"]
 
 
 class _PatchGrid(nn.Module):
@@ -62,6 +65,51 @@ class PatchEmbed(_PatchGrid):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x).permute(0, 2, 3, 1)  # B, C, H, W -> B, gh, gw, D
         return self.norm(x)
+
+
+class ConvStemEmbed(_PatchGrid):
+    """Convolutional stem (Xiao et al. 2021): ``log2(patch_size)`` 3x3 stride-2 conv-BN-ReLU layers, then a 1x1 conv
+    to ``embed_dim``; returns ``[B, gh, gw, embed_dim]`` on the same grid as a ``patch_size`` :class:`PatchEmbed`.
+
+    ``stem_chans`` are the conv widths (one per stride-2 layer; default: ``embed_dim / 2**k``, doubling towards
+    ``embed_dim``). Built from timm's ``ConvStem`` (keys ``proj.0`` ... ``proj.N``).
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 64,
+        patch_size: int | tuple[int, int] = 8,
+        in_chans: int = 3,
+        embed_dim: int = 192,
+        stem_chans: Sequence[int] | None = None,
+        norm_layer: Callable[[int], nn.Module] | None = None,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(img_size, patch_size)
+        if (
+            self.patch_size[0] != self.patch_size[1]
+            or self.patch_size[0] < 2
+            or self.patch_size[0] & (self.patch_size[0] - 1)
+        ):
+            raise ValueError(f"patch_size {self.patch_size} must be square and a power of 2 (>= 2) for ConvStemEmbed")
+        num_layers = self.patch_size[0].bit_length() - 1
+        if stem_chans is None:
+            stem_chans = [max(8, embed_dim // 2 ** (num_layers - i)) for i in range(num_layers)]
+        stem_chans = [int(c) for c in stem_chans]
+        if len(stem_chans) != num_layers or min(stem_chans) < 1:
+            raise ValueError(
+                f"stem_chans {stem_chans} must give {num_layers} positive widths (one per stride-2 layer of "
+                f"patch_size {self.patch_size[0]})"
+            )
+        del bias  # the last (1x1) conv has a bias, the others are followed by BatchNorm
+        self.proj = ConvStem(
+            in_chans=in_chans, depth=num_layers + 1, channels=(*stem_chans, embed_dim),
+            kernel_size=(3,) * num_layers + (1,), stride=(2,) * num_layers + (1,), padding=(1,) * num_layers + (0,),
+        )  # fmt: skip
+        self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))  # B, C, H, W -> B, gh, gw, D
 
 
 class ShiftedPatchEmbed(_PatchGrid):

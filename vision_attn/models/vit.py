@@ -5,7 +5,9 @@ The same :class:`VisionTransformer` builds every variant by swapping modules:
 * plain ViT: :class:`~vision_attn.layers.PatchEmbed` + class token; loads timm ``VisionTransformer`` weights;
 * CCT (Hassani et al. 2021): :class:`~vision_attn.layers.ConvTokenizer` + sequence pooling (``global_pool='seq'``);
 * SPT + LSA (Lee et al. 2021): :class:`~vision_attn.layers.ShiftedPatchEmbed` + ``Attention`` with a learned
-  temperature and diagonal masking.
+  temperature and diagonal masking;
+* ViT_C with sequence pooling: :class:`~vision_attn.layers.ConvStemEmbed` (the convolutional stem of Xiao et al.
+  2021) + CCT's sequence pooling — the default model for small data (``configs/default.yaml``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import nn
 from vision_attn.layers import (
     Attention,
     Block,
+    ConvStemEmbed,
     ConvTokenizer,
     PatchEmbed,
     SequencePool,
@@ -432,6 +435,7 @@ default_cfgs = generate_default_cfgs(
         "va_vit_tiny_patch8_64": _cfg((3, 64, 64), 10),
         "va_cct_2_3x2_32": _cfg((3, 32, 32), 10, CIFAR_MEAN, CIFAR_STD, first_conv="patch_embed.convs.0.0"),
         "va_cct_7_3x1_32": _cfg((3, 32, 32), 10, CIFAR_MEAN, CIFAR_STD, first_conv="patch_embed.convs.0.0"),
+        "va_vitc_seq_tiny_patch8_64": _cfg((3, 64, 64), 10, first_conv="patch_embed.proj.0.conv"),
         "va_vit_spt_lsa_tiny_patch4_32": _cfg((3, 32, 32), 10, CIFAR_MEAN, CIFAR_STD, first_conv="patch_embed.proj"),
         # timm's ImageNet weights load through timm's normal pretrained path (hf hub) when a network is there
         "va_vit_tiny_patch16_224.augreg_in21k_ft_in1k": _cfg(
@@ -493,6 +497,22 @@ def va_cct_7_3x1_32(pretrained: bool = False, **kwargs: Any) -> VisionTransforme
         embed_args=dict(kernel_size=3, num_conv_layers=1),
     )  # fmt: skip
     return _create("va_cct_7_3x1_32", pretrained, **{**args, **kwargs})
+
+
+@register_model
+def va_vitc_seq_tiny_patch8_64(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT_C-Tiny with sequence pooling for 64x64 images, the default model (``configs/default.yaml``).
+
+    A convolutional stem (Xiao et al. 2021, "Early Convolutions Help Transformers See Better": three 3x3 stride-2
+    conv-BN-ReLU layers of 32, 64 and 128 channels and a 1x1 projection) makes an 8x8 token grid, four transformer
+    blocks (dim 128, 4 heads, MLP ratio 2) mix it, and CCT's sequence pooling (Hassani et al. 2021) reads it out, so
+    no class token is needed and the pooling weights say which tokens the classifier uses.
+    """
+    args = dict(
+        img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0, num_classes=10,
+        class_token=False, global_pool="seq", embed_layer=ConvStemEmbed, embed_args=dict(stem_chans=(32, 64, 128)),
+    )  # fmt: skip
+    return _create("va_vitc_seq_tiny_patch8_64", pretrained, **{**args, **kwargs})
 
 
 @register_model

@@ -1,0 +1,110 @@
+"""What the training pipeline costs over a bare training loop of the same model on the same data (issue 10, item 3).
+
+Both train the network of ``configs/default.yaml`` for ``--epochs`` epochs from the same DataModule's train loader:
+
+* bare: forward, label-smoothed cross-entropy, backward, gradient clipping, AdamW, per-step cosine LR — nothing else;
+* pipeline: ``python train.py fit --config configs/default.yaml`` in this process (Lightning loop, metrics, logging,
+  validation on the hold-out each epoch, attention overlays, checkpoints every N steps and each epoch, export),
+  timed by its ``summary.json`` ``fit_seconds``; the test after fit is left out (it is not part of training).
+
+They alternate (bare, pipeline, bare, pipeline, ...) and the medians are compared, so machine noise hits both alike;
+the ratio pipeline / bare is the number to read (target: <= 1.10). Usage::
+
+    python benchmarks/pipeline_overhead.py                 # 2 epochs each, 3 rounds
+    python benchmarks/pipeline_overhead.py --epochs 1 --rounds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from timm.optim import param_groups_weight_decay
+from torch.nn import functional as F
+
+from vision_attn.data import ImageDataModule
+from vision_attn.training import ImageClassifier
+from vision_attn.training.cli import main as train_main
+from vision_attn.training.module import NO_DECAY_NAMES
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "default.yaml"
+
+
+def bare_seconds(epochs: int) -> float:
+    """Seconds of ``epochs`` epochs of the bare loop on the default config's model and data."""
+    cfg = yaml.safe_load(CONFIG.read_text())
+    torch.manual_seed(cfg.get("seed_everything", 0))
+    data = ImageDataModule(**cfg["data"])
+    data.setup("fit")
+    model = cfg["model"]
+    net = ImageClassifier(
+        **model, num_classes=data.num_classes, in_chans=data.in_chans, img_size=data.img_size
+    ).net.train()
+    no_decay = set(NO_DECAY_NAMES) | set(getattr(net, "no_weight_decay", set)())
+    optimizer = torch.optim.AdamW(
+        param_groups_weight_decay(net, model.get("weight_decay", 0.05), no_weight_decay_list=no_decay),
+        lr=model.get("lr", 1e-3),
+    )
+    loader = data.train_dataloader()
+    total = epochs * len(loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    clip = cfg.get("trainer", {}).get("gradient_clip_val") or 0.0
+    smoothing = model.get("label_smoothing", 0.1)
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        loader.sampler.set_epoch(epoch)
+        for images, targets in loader:
+            loss = F.cross_entropy(net(images), targets, label_smoothing=smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+            optimizer.step()
+            scheduler.step()
+    return time.perf_counter() - start
+
+
+def pipeline_seconds(epochs: int) -> float:
+    """``fit_seconds`` of ``train.py fit --config configs/default.yaml`` for ``epochs`` epochs (no test after fit)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [
+            "fit", "--config", str(CONFIG), f"--trainer.max_epochs={epochs}", "--test_after_fit=false",
+            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp}",
+            f"--checkpoint.dirpath={tmp}/checkpoints", f"--export.dirpath={tmp}/export",
+            "--trainer.logger+=lightning.pytorch.loggers.TensorBoardLogger", f"--trainer.logger.save_dir={tmp}",
+            "--trainer.logger+=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp}",
+        ]  # fmt: skip
+        if train_main(args) != 0:
+            raise RuntimeError("train.py fit failed")
+        summary = next(Path(tmp).rglob("summary.json"))
+        return float(json.loads(summary.read_text())["fit_seconds"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the comparison and print the medians and the ratio; returns the exit code."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    bare, pipe = [], []
+    for round_ in range(args.rounds):
+        bare.append(bare_seconds(args.epochs))
+        pipe.append(pipeline_seconds(args.epochs))
+        print(f"round {round_ + 1}: bare {bare[-1]:.1f} s, pipeline {pipe[-1]:.1f} s", flush=True)
+    b, p = statistics.median(bare), statistics.median(pipe)
+    print(f"\n| {args.epochs} epochs of the default config | bare loop | pipeline (train.py fit) | pipeline / bare |")
+    print("|---|---|---|---|")
+    print(f"| seconds (median of {args.rounds}) | {b:.1f} | {p:.1f} | **{p / b:.2f}** |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
