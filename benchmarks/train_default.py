@@ -12,7 +12,7 @@ Both runs are time-boxed: ``--trainer.max_time 00:00:09:00`` with the cosine sch
 wall-clock budget and both anneal fully (the committed default config itself runs 30 epochs on the step
 schedule). timm's ``resnet18`` is trained from random init, adapted to the input only through
 ``in_chans=1, num_classes=10`` (standard stem: 64x64 inputs end as a 2x2 feature map). Results go to
-``runs/bench_<model>/`` and ``runs/bench_train_default.json``.
+``runs/bench_<model>/version_K/`` and ``runs/bench_train_default.json``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,21 +37,7 @@ MODELS = {
 def run(model: str, max_time: str | None, extra: list[str]) -> dict:
     """Train ``model`` with the default config in a fresh process; returns its summary plus the process wall time."""
     name = f"bench_{model}"
-    loggers = ("TensorBoardLogger", "CSVLogger")
-    overlay = {
-        "trainer": {
-            "logger": [
-                {"class_path": f"lightning.pytorch.loggers.{cls}", "init_args": {"save_dir": "runs", "name": name}}
-                for cls in loggers
-            ],
-            "default_root_dir": f"runs/{name}",
-        },
-        "checkpoint": {"dirpath": f"runs/{name}/checkpoints"},
-        "export": {"dirpath": f"runs/{name}/export"},
-    }  # fmt: skip
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        json.dump(overlay, f)  # JSON is YAML
-    cmd = [sys.executable, "train.py", "fit", "--config", "configs/default.yaml", "--config", f.name, *TIME_BOX]
+    cmd = [sys.executable, "train.py", "fit", "--config", "configs/default.yaml", f"--run_dir=runs/{name}", *TIME_BOX]
     cmd += MODELS[model]
     if max_time:
         cmd.append(f"--trainer.max_time={max_time}")
@@ -61,7 +46,6 @@ def run(model: str, max_time: str | None, extra: list[str]) -> dict:
     start = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
     wall = time.perf_counter() - start
-    os.unlink(f.name)
     log_dirs = sorted((REPO / "runs" / name).glob("version_*"), key=lambda p: p.stat().st_mtime)
     summary = json.loads((log_dirs[-1] / "summary.json").read_text())
     summary["process_seconds"] = round(wall, 1)

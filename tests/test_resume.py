@@ -23,8 +23,7 @@ def train_command(out: Path, *extra: str) -> list[str]:
         "--data.batch_size=16", "--data.eval_batch_size=100", "--data.num_workers=0",
         f"--trainer.limit_train_batches={STEPS_PER_EPOCH}", "--trainer.limit_val_batches=2",
         "--trainer.max_epochs=2", "--trainer.max_time=null", "--trainer.logger=false",
-        f"--trainer.default_root_dir={out}",
-        f"--checkpoint.dirpath={out}/checkpoints", f"--export.dirpath={out}/export",
+        f"--run_dir={out}",
         "--step_checkpoint.every_n_train_steps=2", "--overlays.every_n_epochs=0", *extra,
     ]  # fmt: skip
 
@@ -35,7 +34,7 @@ def run_env() -> dict[str, str]:
 
 def train(out: Path, *extra: str) -> dict:
     subprocess.run(train_command(out, *extra), check=True, env=run_env(), cwd=out.parent, capture_output=True)
-    return torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    return torch.load(out / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
 
 
 def saved_step(path: Path) -> int:
@@ -70,7 +69,7 @@ def test_same_seed_same_metrics(unbroken, tmp_path):
 
 def test_sigkill_mid_epoch_then_resume_matches_unbroken_run(unbroken, tmp_path):
     out = tmp_path / "run"
-    last = out / "checkpoints" / "last.ckpt"
+    last = out / "version_0" / "checkpoints" / "last.ckpt"
     target = STEPS_PER_EPOCH + 6  # inside the second epoch, after its first step checkpoints
     process = subprocess.Popen(
         train_command(out), env=run_env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
