@@ -37,7 +37,7 @@ def test_every_run_has_its_own_folder_and_a_fast_dev_run_overwrites_nothing(tmp_
     names = {p.name for p in run.iterdir()}
     assert {"config.yaml", "hparams.yaml", "metrics.csv", "summary.json", "checkpoints", "export", "attention"} <= names
     assert any(n.startswith("events.out.tfevents") for n in names), "TensorBoard logs are not in the run folder"
-    assert not [p for p in run.rglob("version_*")], "a logger made a version folder of its own"
+    assert not list(run.rglob("version_*")), "a logger made a version folder of its own"
     summary = json.loads((run / "summary.json").read_text())
     assert Path(summary["best_model_path"]).parent == (run / "checkpoints").resolve()
     assert Path(summary["last_model_path"]) == (run / "checkpoints" / "last.ckpt").resolve()
@@ -120,11 +120,9 @@ def test_a_folder_in_use_is_not_resumed_into(tmp_path: Path, capsys) -> None:
 
 def test_two_fits_started_at_once_never_share_a_folder(tmp_path: Path) -> None:
     quiet = ("--trainer.logger=false", "--overlays.every_n_epochs=0")
-    procs = [
-        subprocess.Popen(train_command(tmp_path, *quiet), env=run_env(), cwd=tmp_path, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)  # fmt: skip
-        for _ in range(2)
-    ]
+    command = train_command(tmp_path, *quiet)
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    procs = [subprocess.Popen(command, env=run_env(), cwd=tmp_path, **pipes) for _ in range(2)]
     results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
     for code, err in results:
         assert code == 0, err[-3000:]
