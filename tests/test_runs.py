@@ -123,9 +123,9 @@ def test_two_fits_started_at_once_never_share_a_folder(tmp_path: Path) -> None:
     command = train_command(tmp_path, *quiet)
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
     procs = [subprocess.Popen(command, env=run_env(), cwd=tmp_path, **pipes) for _ in range(2)]
-    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
-    for code, err in results:
-        assert code == 0, err[-3000:]
+    outputs = [p.communicate(timeout=600) for p in procs]  # reads both pipes: a full pipe never blocks a run
+    for process, (_, err) in zip(procs, outputs, strict=True):
+        assert process.returncode == 0, err[-3000:]
     assert version_folders(tmp_path) == ["version_0", "version_1"]
     for name in ("version_0", "version_1"):
         summary = json.loads((tmp_path / name / "summary.json").read_text())

@@ -18,7 +18,7 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from vision_attn._io import atomic_write_text, check_writable_dir
 from vision_attn.data import ImageDataModule
@@ -278,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     except SIGTERMException:
         print("stopped by SIGTERM; resume with --ckpt_path last", file=sys.stderr)
         return SIGTERM_EXIT_CODE
+    except MisconfigurationException as err:  # Lightning's word for a bad option: an input error like ours
+        raise ValueError(str(err)) from err
     finally:
         for run in runs:
             run.release()

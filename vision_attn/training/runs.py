@@ -42,12 +42,12 @@ class RunFolder:
         self._lock_fd = lock_fd
 
     def release(self) -> None:
-        """Unlock the folder; a folder this process claimed and left empty (a failed start) is removed."""
+        """Unlock the folder; a folder this process claimed and left without files (a failed start) is removed."""
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
         with contextlib.suppress(OSError):
-            if not self.resumed and {p.name for p in self.path.iterdir()} <= {LOCK_FILE}:
+            if not self.resumed and not any(p.is_file() and p.name != LOCK_FILE for p in self.path.rglob("*")):
                 shutil.rmtree(self.path)
 
     def __repr__(self) -> str:
