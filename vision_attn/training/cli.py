@@ -129,6 +129,11 @@ class VisionAttnCLI(LightningCLI):
             help="after fit, evaluate the best checkpoint (by val/acc1) once on the test split",
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the model options of the config and command line. (Lightning's LightningCLI replaces them with the
+        hyper-parameters saved in ``--ckpt_path``, silently undoing ``--model.lr ...``; here the given values are
+        used and :meth:`ImageClassifier.on_load_checkpoint` reports or rejects any difference.)"""
+
     def before_instantiate_classes(self) -> None:
         """Drop the default Rich progress bar when ``trainer.enable_progress_bar`` is false; check the run length;
         resolve ``--ckpt_path last|best``; claim the run folder and point every output into it."""
