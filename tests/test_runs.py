@@ -197,3 +197,14 @@ def test_csv_logger_appends_when_a_run_continues(tmp_path: Path) -> None:
     lines = (tmp_path / "version_0" / "metrics.csv").read_text().splitlines()
     assert lines[0].split(",") == ["a", "b", "step"]
     assert lines[1:] == ["1.0,,0", "2.0,3.0,1"]
+
+
+def test_a_failed_start_leaves_no_folder_behind(tmp_path: Path) -> None:
+    run = claim_run_folder(tmp_path / "runs" / "exp")
+    (run.path / "checkpoints").mkdir()  # made, but nothing written in it
+    run.release()
+    assert not (tmp_path / "runs").exists()
+    kept = claim_run_folder(tmp_path / "runs" / "exp")
+    (kept.path / "config.yaml").write_text("x")
+    kept.release()
+    assert (tmp_path / "runs" / "exp" / "version_0" / "config.yaml").is_file()

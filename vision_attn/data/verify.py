@@ -30,8 +30,9 @@ def _image_problem(path: Path) -> str | None:
 
 
 def walk_files(folder: str | os.PathLike) -> Iterator[Path]:
-    """Yield every non-hidden file under ``folder`` (sorted by folder, then name), following symbolic links but
-    entering each real folder once: a link back to a parent (a loop) neither hangs the walk nor repeats files."""
+    """Yield every non-hidden file under ``folder`` (sorted by folder, then name), following symbolic links except
+    those that point back to a folder the walk is inside (a loop), and entering each real folder once: a link
+    loop neither hangs the walk nor repeats files."""
     seen: set[tuple[int, int]] = set()
     pending = deque([Path(folder)])  # breadth first, names sorted: which of two links to one folder wins is fixed
     found: list[tuple[str, str, Path]] = []
@@ -45,11 +46,15 @@ def walk_files(folder: str | os.PathLike) -> Iterator[Path]:
         if (info.st_dev, info.st_ino) in seen:
             continue
         seen.add((info.st_dev, info.st_ino))
+        real = os.path.realpath(current)
         for entry in entries:
             if entry.name.startswith("."):
                 continue
             try:
                 if entry.is_dir():  # follows links
+                    target = os.path.realpath(entry.path)
+                    if entry.is_symlink() and (real + os.sep).startswith(target.rstrip(os.sep) + os.sep):
+                        continue  # a link to this folder or one above it: a loop
                     pending.append(Path(entry.path))
                 elif entry.is_file():
                     found.append((str(current), entry.name, Path(entry.path)))

@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +37,23 @@ _RESUMABLE_KEYS = ("state_dict", "optimizer_states", "loops")
 class RunFolder:
     """A ``version_K`` folder held by this process until :meth:`release` (``resumed``: it held a run before)."""
 
-    def __init__(self, path: Path, resumed: bool, lock_fd: int | None) -> None:
+    def __init__(self, path: Path, resumed: bool, lock_fd: int | None, created: Sequence[Path] = ()) -> None:
         self.path = path
         self.resumed = resumed
         self._lock_fd = lock_fd
+        self._created = list(created)  # parent folders made for this run, deepest first
 
     def release(self) -> None:
-        """Unlock the folder; a folder this process claimed and left without files (a failed start) is removed."""
+        """Unlock the folder; a folder this process claimed and left without files (a failed start) is removed,
+        with the parent folders it had to create."""
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
         with contextlib.suppress(OSError):
             if not self.resumed and not any(p.is_file() and p.name != LOCK_FILE for p in self.path.rglob("*")):
                 shutil.rmtree(self.path)
+                for folder in self._created:
+                    os.rmdir(folder)  # fails, and stops, at the first one another run has used meanwhile
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r}, resumed={self.resumed})"
@@ -85,7 +90,9 @@ def version_folders(run_dir: str | os.PathLike) -> list[Path]:
 def claim_run_folder(run_dir: str | os.PathLike) -> RunFolder:
     """Create and lock ``<run_dir>/version_K`` with the next free ``K``; raises a ``ValueError`` naming ``run_dir``
     when it is not a writable folder."""
-    root = check_writable_dir(run_dir, "run_dir")
+    root = Path(run_dir)
+    created = [p for p in (root, *root.parents) if not p.exists()]  # deepest first
+    root = check_writable_dir(root, "run_dir")
     while True:
         existing = [int(p.name.removeprefix("version_")) for p in version_folders(root)]
         path = root / f"version_{max(existing, default=-1) + 1}"
@@ -96,7 +103,7 @@ def claim_run_folder(run_dir: str | os.PathLike) -> RunFolder:
         except OSError as err:
             raise ValueError(f"run_dir {str(root)!r} is not a writable folder: {err.strerror or err}") from err
         try:
-            return RunFolder(path, resumed=False, lock_fd=_lock(path))
+            return RunFolder(path, resumed=False, lock_fd=_lock(path), created=created)
         except BaseException:
             shutil.rmtree(path, ignore_errors=True)
             raise
