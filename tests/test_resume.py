@@ -3,7 +3,6 @@ with exactly the weights of an unbroken run, and two runs with one seed give the
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import run_env, saved_step
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 24
@@ -28,20 +28,9 @@ def train_command(out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def run_env() -> dict[str, str]:
-    return {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
 def train(out: Path, *extra: str) -> dict:
     subprocess.run(train_command(out, *extra), check=True, env=run_env(), cwd=out.parent, capture_output=True)
     return torch.load(out / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
-
-
-def saved_step(path: Path) -> int:
-    try:
-        return int(torch.load(path, weights_only=True)["global_step"])
-    except (FileNotFoundError, RuntimeError, EOFError, KeyError):
-        return -1  # not written yet, or being replaced right now
 
 
 def assert_same_run(a: dict, b: dict) -> None:
