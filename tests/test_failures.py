@@ -10,14 +10,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
-from train_helpers import fit_args, run_env, saved_step, train_command
+from train_helpers import TinyNet, fit_args, run_env, saved_step, signal_when, train_command
 
 from vision_attn.cli import main as cli_main
 from vision_attn.training import ExportBackbone, ImageClassifier
@@ -27,17 +26,6 @@ from vision_attn.training.cli import SIGTERM_EXIT_CODE, main
 from vision_attn.training.runs import find_checkpoint, is_resumable
 
 QUIET = ("--trainer.logger=false", "--overlays.every_n_epochs=0")
-
-
-class TinyNet(torch.nn.Module):
-    num_classes = 10
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = torch.nn.Linear(3 * 8 * 8, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x.flatten(1))
 
 
 # saves checkpoint 1, then checkpoint 2 with a writer that stops (as if killed) after half of the bytes
@@ -67,17 +55,8 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_pat
     path = tmp_path / "version_0" / "checkpoints" / "last.ckpt"
     ready = tmp_path / "half-written"
     process = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(path), str(ready)], env=run_env())
-    try:
-        deadline = time.monotonic() + 120
-        while not ready.exists():
-            assert process.poll() is None, "the writer ended before it could be killed"
-            assert time.monotonic() < deadline, "the writer never reached the middle of its write"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    signal_when(process, ready.exists, signal.SIGKILL, timeout=120)  # killed in the middle of its write
+    assert process.returncode == -signal.SIGKILL
     leftovers = [p.name for p in path.parent.iterdir() if p != path]
     assert len(leftovers) == 1, leftovers  # the half-written temporary file, beside the checkpoint
     assert leftovers[0].startswith(".last.ckpt.")
@@ -154,17 +133,7 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_non_zero(tmp_path: Path)
         train_command(tmp_path, *args, steps=steps), env=run_env(), cwd=tmp_path, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-        while saved_step(last) < 3:
-            assert process.poll() is None, f"training ended (code {process.returncode}) before SIGTERM"
-            assert time.monotonic() < deadline, "training did not reach step 3 within 300 s"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGTERM)
-        out, err = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    out, err = signal_when(process, lambda: saved_step(last) >= 3, signal.SIGTERM)
     assert process.returncode == SIGTERM_EXIT_CODE, err[-3000:]
     assert "stopped by SIGTERM; resume with --ckpt_path last" in err
     stopped = torch.load(last, weights_only=True)

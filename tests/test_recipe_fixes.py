@@ -11,7 +11,7 @@ import pytest
 import torch
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, TensorDataset
-from train_helpers import fit_args
+from train_helpers import TinyNet, fit_args
 
 from vision_attn.cli import main as cli_main
 from vision_attn.training import ImageClassifier
@@ -53,17 +53,6 @@ def test_a_network_option_that_contradicts_the_checkpoint_is_an_error(tmp_path: 
         assert "the checkpoint has {'embed_dim': 96" in err
         assert "other shape" in err
     assert ckpt.read_bytes() == before
-
-
-class TinyNet(torch.nn.Module):
-    num_classes = 10
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = torch.nn.Linear(3 * 8 * 8, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x.flatten(1))
 
 
 def test_ema_updates_once_per_optimizer_step(monkeypatch: pytest.MonkeyPatch) -> None:

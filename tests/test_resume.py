@@ -6,12 +6,11 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import run_env, saved_step
+from train_helpers import run_env, saved_step, signal_when
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 24
@@ -63,19 +62,7 @@ def test_sigkill_mid_epoch_then_resume_matches_unbroken_run(unbroken, tmp_path):
     process = subprocess.Popen(
         train_command(out), env=run_env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    try:
-        deadline = time.monotonic() + 300
-        while saved_step(last) < target:
-            if process.poll() is not None:
-                pytest.fail(f"training ended (code {process.returncode}) before step {target} could be interrupted")
-            if time.monotonic() > deadline:
-                pytest.fail("training did not reach the step to interrupt within 300 s")
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    signal_when(process, lambda: saved_step(last) >= target, signal.SIGKILL)
     assert process.returncode == -signal.SIGKILL
     killed_at = saved_step(last)
     assert STEPS_PER_EPOCH < killed_at < 2 * STEPS_PER_EPOCH, "the kill must land mid-epoch"

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,3 +47,34 @@ def saved_step(path: Path) -> int:
 
 def version_folders(run_dir: Path) -> list[str]:
     return sorted(p.name for p in run_dir.iterdir() if p.name.startswith("version_"))
+
+
+def signal_when(process: subprocess.Popen, ready: Callable[[], bool], signum: int, timeout: float = 300) -> tuple:
+    """Send ``signum`` to ``process`` as soon as ``ready()`` holds; returns its ``(stdout, stderr)`` once it ended.
+    The test fails if the process ends first or ``ready`` does not hold within ``timeout`` seconds."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if process.poll() is not None:
+                pytest.fail(f"the process ended (code {process.returncode}) before it could be signalled")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the process was not ready to be signalled within {timeout} s")
+            time.sleep(0.05)
+        process.send_signal(signum)
+        return process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+class TinyNet(torch.nn.Module):
+    """A linear classifier of ``[B, 3, 8, 8]`` images into 10 classes."""
+
+    num_classes = 10
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
