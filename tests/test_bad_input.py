@@ -13,8 +13,9 @@ from safetensors.torch import save_file
 import vision_attn
 from vision_attn.cli import main as cli_main
 from vision_attn.data import ImageDataModule
+from vision_attn.data.images import load_image_files, read_boxes
 from vision_attn.data.pixels import to_uint8_array
-from vision_attn.explain import attention_rollout, explain, gradient_rollout
+from vision_attn.explain import attention_rollout, deletion_auc, explain, gradient_rollout, token_pool_weights
 from vision_attn.training import ImageClassifier
 from vision_attn.training.callbacks import PredictionWriter
 from vision_attn.training.runs import claim_run_folder, find_checkpoint
@@ -162,6 +163,97 @@ API_CASES = {
         ValueError,
         r"model_args in_chans=3 does not match the data's in_chans=1",
     ),
+    # --- explain (issue 11): targets, token layout and pooling, models explain cannot use, inputs of the CLI
+    "explain str target": (
+        lambda m, t: explain(m, torch.randn(1, 3, 32, 32), "gradient_rollout", target="3"),
+        TypeError,
+        r"target must be None, an int class index or one int per image, got str '3'",
+    ),
+    "explain float targets": (
+        lambda m, t: explain(m, torch.randn(2, 3, 32, 32), "gradcam", target=[1, 2.5]),
+        TypeError,
+        r"target must hold integer class indices, got float 2.5",
+    ),
+    "explain grid_size against model": (
+        lambda m, t: explain(m, torch.randn(1, 3, 32, 32), "rollout", grid_size=(4, 16)),
+        ValueError,
+        r"grid_size \(4, 16\) does not match the token grid \(8, 8\)",
+    ),
+    "explain grid_size 0": (
+        lambda m, t: explain(m, torch.randn(1, 3, 32, 32), "attention", grid_size=0),
+        ValueError,
+        r"grid_size must be a positive int or a pair",
+    ),
+    "explain prefix against model": (
+        lambda m, t: explain(m, torch.randn(1, 3, 32, 32), "rollout", num_prefix_tokens=2),
+        ValueError,
+        r"num_prefix_tokens 2 does not match .* 1 prefix tokens",
+    ),
+    "explain NaN logits": (
+        lambda m, t: explain(_broken_head(), torch.randn(2, 3, 32, 32), "rollout"),
+        ValueError,
+        r"NaN or Inf logits for images \[0, 1\]",
+    ),
+    "gradient rollout without classifier": (
+        lambda m, t: explain(_featurizer(), torch.randn(1, 3, 32, 32), "gradient_rollout"),
+        ValueError,
+        r"'gradient_rollout' explains a class logit, but .* num_classes=0",
+    ),
+    "gradcam without classifier": (
+        lambda m, t: explain(_featurizer(), torch.randn(1, 3, 32, 32), "gradcam"),
+        ValueError,
+        r"'gradcam' explains a class logit, but .* num_classes=0",
+    ),
+    "deletion AUC without classifier": (
+        lambda m, t: deletion_auc(_featurizer(), torch.randn(1, 3, 32, 32), torch.rand(1, 32, 32)),
+        ValueError,
+        r"num_classes=0",
+    ),
+    "deletion AUC batch_size 0": (
+        lambda m, t: deletion_auc(m, torch.randn(1, 3, 32, 32), torch.rand(1, 32, 32), batch_size=0),
+        ValueError,
+        r"batch_size must be an int >= 1, got 0",
+    ),
+    "rollout on attention pooling": (
+        lambda m, t: explain(_timm_vit(global_pool="map"), torch.randn(1, 3, 32, 32), "rollout"),
+        ValueError,
+        r"pools its tokens with AttentionPoolLatent \(global_pool='map'\)",
+    ),
+    "rollout on max pooling": (
+        lambda m, t: explain(_timm_vit(global_pool="max"), torch.randn(1, 3, 32, 32), "attention"),
+        ValueError,
+        r"global_pool='max', which no weighting of token rows describes",
+    ),
+    "pool_weights of another length": (
+        lambda m, t: attention_rollout([attn()], pool_weights=torch.ones(5)),
+        ValueError,
+        r"pool_weights has shape \(5,\); expected \[N\] or \[B, N\] with N=17",
+    ),
+    "unknown token pool": (
+        lambda m, t: token_pool_weights("mean", 17, 1),
+        ValueError,
+        r"pool 'mean' is unknown; expected one of \('token'",
+    ),
+    "sequence pool without weights": (
+        lambda m, t: token_pool_weights("seq", 17, 1),
+        ValueError,
+        r"pool 'seq' needs sequence_weights \[B, N - num_prefix_tokens\], got None",
+    ),
+    "unreadable image file": (
+        lambda m, t: load_image_files([_write(t / "junk.png", b"not a png")], 3, (32, 32), None, None),
+        ValueError,
+        r"image file '.*junk.png' cannot be read as an image",
+    ),
+    "malformed box": (
+        lambda m, t: read_boxes(_write(t / "b.json", b'{"a.png": [4, 4, 2, 8]}'), [Path("a.png")]),
+        ValueError,
+        r"--boxes entry 'a.png' is \[4, 4, 2, 8\]; expected \[x_min, y_min, x_max, y_max\]",
+    ),
+    "boxes not JSON": (
+        lambda m, t: read_boxes(_write(t / "b.json", b"{oops"), [Path("a.png")]),
+        ValueError,
+        r"--boxes file '.*b.json' is not readable JSON",
+    ),
     # --- training runs and data (issue 11, "train")
     "empty class folder": (
         lambda m, t: ImageDataModule(name="image_folder", data_dir=str(_empty_class(t)), img_size=8).setup(),
@@ -205,6 +297,23 @@ API_CASES = {
         r"image arrays must be uint8 or uint16, got dtype float32",
     ),
 }
+
+
+def _broken_head() -> torch.nn.Module:
+    model = vision_attn.create_model("va_vit_tiny_patch4_32", depth=1, num_classes=3).eval()
+    with torch.no_grad():
+        model.head.bias.fill_(float("nan"))
+    return model
+
+
+def _featurizer() -> torch.nn.Module:
+    return vision_attn.create_model("va_vit_tiny_patch4_32", depth=1, num_classes=0).eval()
+
+
+def _timm_vit(**kwargs: object) -> torch.nn.Module:
+    import timm
+
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=3, **kwargs).eval()
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -275,6 +384,8 @@ def test_api_bad_input(case, vit, tmp_path, capsys):
     assert "this code ran" not in capsys.readouterr().out
 
 
+EXPLAIN = ["explain", "--model", "va_vit_tiny_patch4_32", "--images", "IMG", "--out", "OUT"]
+
 CLI_CASES = {
     "unknown subcommand": (["frobnicate"], r"unknown command 'frobnicate'"),
     "bad YAML key": (["fit", "--config", DEFAULT, "--model.lrr=0.1"], r"lrr"),
@@ -292,6 +403,51 @@ CLI_CASES = {
     "explain unknown model": (
         ["explain", "--model", "va_vit_tiny_patch4_23", "--images", "IMG", "--out", "OUT"],
         r"va_vit_tiny_patch4_23",
+    ),
+    # --- explain (issue 11): options of vision-attn explain
+    "explain --batch-size 0": ([*EXPLAIN, "--batch-size", "0"], r"argument --batch-size: must be an int >= 1, got '0'"),
+    "explain --limit 0": (
+        ["explain", "--model", "va_vit_tiny_patch4_32", "--dataset", "cluttered_fashion_mnist", "--limit", "0",
+         "--out", "OUT"],
+        r"argument --limit: must be an int >= 1, got '0'",
+    ),
+    "explain --limit with --images": ([*EXPLAIN, "--limit", "3"], r"--limit 3 applies to --dataset only"),
+    "explain --mean of wrong length": (
+        [*EXPLAIN, "--mean", "0.1", "0.2"],
+        r"--mean has 2 values \[0.1, 0.2\]; expected 1 or 3 values .*in_chans=3",
+    ),
+    "explain --std of wrong length": (
+        [*EXPLAIN, "--std", "0.1", "0.2", "0.3", "0.4"],
+        r"--std has 4 values .*; expected 1 or 3 values",
+    ),
+    "explain --std 0": ([*EXPLAIN, "--std", "0"], r"--std \[0.0\] must be > 0"),
+    "explain --device on a missing GPU": ([*EXPLAIN, "--device", "cuda:99"], r"--device 'cuda:99'"),
+    "explain --device typo": ([*EXPLAIN, "--device", "gpu"], r"--device 'gpu' is not a device; expected cpu, cuda"),
+    "explain --steps -1": ([*EXPLAIN, "--steps", "-1"], r"argument --steps: must be an int >= 0, got '-1'"),
+    "explain --alpha 2": ([*EXPLAIN, "--alpha", "2"], r"argument --alpha: must be a number in \[0, 1\], got '2'"),
+    "explain --target -1": ([*EXPLAIN, "--target", "-1"], r"argument --target: must be an int >= 0, got '-1'"),
+    "explain --target beyond the classes": (
+        [*EXPLAIN, "--target", "12", "--method", "gradcam"],
+        r"--target 12 is out of range: model va_vit_tiny_patch4_32 has 10 classes \(0 to 9\)",
+    ),
+    "explain --cmap unknown": ([*EXPLAIN, "--cmap", "rainbowz"], r"--cmap 'rainbowz' is not a matplotlib colormap"),
+    "explain --img-size 3 values": ([*EXPLAIN, "--img-size", "1", "2", "3"], r"--img-size takes N or H W, got 3"),
+    "explain --model-args not an object": ([*EXPLAIN, "--model-args", "[1]"], r"--model-args must be a JSON object"),
+    "explain --dataset unknown": (
+        ["explain", "--model", "va_vit_tiny_patch4_32", "--dataset", "cifar10", "--out", "OUT"],
+        r"--dataset 'cifar10' is unknown; expected 'cluttered_fashion_mnist\[:test\|train\]'",
+    ),
+    "explain --boxes without the image": (
+        [*EXPLAIN, "--boxes", "BOXES"],
+        r"--boxes file '.*boxes.json' has no box for \['img.png'\]",
+    ),
+    "explain --out under a file": (
+        ["explain", "--model", "va_vit_tiny_patch4_32", "--images", "IMG", "--out", "IMG/sub"],
+        r"--out '.*img.png/sub' is not a writable folder",
+    ),
+    "explain no method applies": (
+        ["explain", "--model", "resnet10t", "--images", "IMG", "--out", "OUT", "--method", "rollout", "attention"],
+        r"no method applies to any model: resnet10t:rollout: .*no token-attention modules",
     ),
     # --- training runs and data (issue 11, "train"); every run_dir is under the test's tmp_path
     "unwritable run_dir": (
@@ -367,7 +523,9 @@ def test_cli_bad_input_exits_2_without_traceback(case, tmp_path, capsys, monkeyp
     from PIL import Image
 
     Image.new("RGB", (32, 32)).save(image)
+    (tmp_path / "boxes.json").write_text('{"other.png": [0, 0, 4, 4]}')
     argv = [a.replace("OUT", str(tmp_path / "out")).replace("IMG", str(image)) for a in argv]
+    argv = [a.replace("BOXES", str(tmp_path / "boxes.json")) for a in argv]
     monkeypatch.chdir(ROOT)
     monkeypatch.delenv("VISION_ATTN_TRACEBACK", raising=False)
     try:

@@ -188,6 +188,21 @@ class TransformedDataset(Dataset):
         if isinstance(index, tuple):
             index, aug_seed = index
             self.transform.set_random_seed(aug_seed)
+        return self._load(index)
+
+    def __getitems__(self, indices: list[int | tuple[int, int]]) -> list[tuple[torch.Tensor, int]]:
+        """A whole batch (the ``DataLoader`` calls this instead of ``__getitem__`` per item).
+
+        With ``(index, augmentation_seed)`` items the augmentations are seeded once, by the batch's first seed, and
+        drawn in order: as reproducible as per-item seeding for a given batch (a resumed run restarts at a batch
+        boundary), without re-seeding albumentations for every image, which cost more than the augmentation itself.
+        """
+        if indices and isinstance(indices[0], tuple):
+            self.transform.set_random_seed(indices[0][1])
+            indices = [index for index, _ in indices]
+        return [self._load(index) for index in indices]
+
+    def _load(self, index: int) -> tuple[torch.Tensor, int]:
         if self.indices is not None:
             index = int(self.indices[index])
         image, label = self.base[index]

@@ -1,16 +1,83 @@
-"""Helpers shared by the explain methods: targets, token layout of a model, image checks, map post-processing."""
+"""Helpers shared by the explain methods: the model behind wrappers, targets, token layout and pooling of a
+model, image checks, eval mode, map post-processing."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import itertools
+import warnings
+from collections.abc import Iterator, Sequence
+from numbers import Integral
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vision_attn.explain.rollout import check_grid_size
 from vision_attn.layers.checks import check_images
+from vision_attn.layers.pooling import SequencePool
 
-__all__ = ["check_model_images", "normalize_maps", "resolve_targets", "token_layout", "upsample_maps"]
+__all__ = [
+    "TOKEN_METHODS",
+    "NotApplicableError",
+    "check_logits",
+    "check_model_images",
+    "check_target",
+    "eval_mode",
+    "normalize_maps",
+    "require_classes",
+    "resolve_targets",
+    "to_model_inputs",
+    "token_layout",
+    "token_pool",
+    "unwrap_model",
+    "upsample_maps",
+]
+
+TOKEN_METHODS = ("rollout", "gradient_rollout", "attention")
+
+
+class NotApplicableError(ValueError):
+    """A method that does not apply to a model (rollout on a CNN, a class-target method on a ``num_classes=0``
+    model, ...). A ``ValueError``; the ``explain`` CLI skips such model/method pairs and says so."""
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Return the model inside ``DataParallel`` / ``DistributedDataParallel`` / ``torch.compile`` wrappers.
+
+    Only these wrappers are opened (timm's ``unwrap_model`` would also open any module that merely has a
+    ``module`` attribute).
+    """
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(model, OptimizedModule):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _is_index(value: object, scalar: bool = False) -> bool:
+    """Whether ``value`` is an int or an integer tensor (0-d only with ``scalar``); bools are not indices."""
+    if isinstance(value, torch.Tensor):
+        integer = not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+        return integer and (value.ndim == 0 or not scalar)
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def check_target(target: object) -> None:
+    """Raise ``TypeError`` unless ``target`` is ``None``, an int, a sequence of ints or an integer tensor."""
+    if target is None or _is_index(target):
+        return
+    if isinstance(target, Sequence) and not isinstance(target, (str, bytes)):
+        bad = [t for t in target if not _is_index(t, scalar=True)]
+        if not bad:
+            return
+        raise TypeError(f"target must hold integer class indices, got {type(bad[0]).__name__} {bad[0]!r} in {target!r}")
+    what = f"dtype {target.dtype}" if isinstance(target, torch.Tensor) else f"{type(target).__name__} {target!r}"
+    raise TypeError(f"target must be None, an int class index or one int per image, got {what}")
 
 
 def resolve_targets(target: int | Sequence[int] | torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
@@ -18,13 +85,10 @@ def resolve_targets(target: int | Sequence[int] | torch.Tensor | None, logits: t
     if logits.ndim != 2:
         raise ValueError(f"the model must return logits [B, num_classes], got shape {tuple(logits.shape)}")
     batch, num_classes = logits.shape
+    check_target(target)
     if target is None:
         return logits.detach().argmax(dim=1)
-    if isinstance(target, bool) or not isinstance(target, (int, Sequence, torch.Tensor)):
-        raise TypeError(f"target must be None, an int or one int per image, got {type(target).__name__}")
     targets = torch.as_tensor(target, device=logits.device)
-    if targets.is_floating_point() or targets.is_complex():
-        raise TypeError(f"target must hold integer class indices, got dtype {targets.dtype}")
     targets = targets.long().reshape(-1)
     if targets.numel() == 1:
         targets = targets.expand(batch)
@@ -72,32 +136,154 @@ def check_model_images(model: nn.Module, images: torch.Tensor, name: str = "imag
         )
 
 
+def _model_grid(model: nn.Module, image_size: tuple[int, int]) -> tuple[int, int] | None:
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None and hasattr(patch_embed, "dynamic_feat_size"):
+        gh, gw = patch_embed.dynamic_feat_size(tuple(image_size))
+        return int(gh), int(gw)
+    if patch_embed is not None and getattr(patch_embed, "grid_size", None) is not None:
+        gh, gw = patch_embed.grid_size
+        return int(gh), int(gw)
+    return None
+
+
 def token_layout(
     model: nn.Module,
     image_size: tuple[int, int],
     num_prefix_tokens: int | None = None,
-    grid_size: Sequence[int] | None = None,
+    grid_size: int | Sequence[int] | None = None,
 ) -> tuple[int, tuple[int, int] | None]:
     """Return ``(num_prefix_tokens, (gh, gw))`` of a ViT-style ``model`` for inputs of ``image_size``.
 
     Read from ``model.num_prefix_tokens`` and ``model.patch_embed`` (``dynamic_feat_size`` or ``grid_size``) —
-    works for our ViTs and timm's (class, distillation and register tokens). Given values win; the grid is
-    ``None`` when the model has no ``patch_embed`` (rollout then needs a square token count).
+    works for our ViTs and timm's (class, distillation and register tokens). Given values must agree with what the
+    model declares (``ValueError`` otherwise) and are needed only where it declares nothing; ``grid_size`` may be an
+    int (square). The grid is ``None`` when the model has no ``patch_embed`` (rollout then needs a square count).
     """
+    declared = getattr(model, "num_prefix_tokens", None)
     if num_prefix_tokens is None:
-        num_prefix_tokens = getattr(model, "num_prefix_tokens", None)
-        if num_prefix_tokens is None:
-            num_prefix_tokens = int(getattr(model, "cls_token", None) is not None)
-    if grid_size is not None:
-        return int(num_prefix_tokens), (int(grid_size[0]), int(grid_size[1]))
-    patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is not None and hasattr(patch_embed, "dynamic_feat_size"):
-        gh, gw = patch_embed.dynamic_feat_size(tuple(image_size))
-        return int(num_prefix_tokens), (int(gh), int(gw))
-    if patch_embed is not None and getattr(patch_embed, "grid_size", None) is not None:
-        gh, gw = patch_embed.grid_size
-        return int(num_prefix_tokens), (int(gh), int(gw))
-    return int(num_prefix_tokens), None
+        num_prefix_tokens = declared if declared is not None else int(getattr(model, "cls_token", None) is not None)
+    elif isinstance(declared, int) and num_prefix_tokens != declared:
+        raise ValueError(
+            f"num_prefix_tokens {num_prefix_tokens!r} does not match model {type(model).__name__}, which has "
+            f"{declared} prefix tokens (class, distillation and register tokens); leave it out"
+        )
+    model_grid = _model_grid(model, image_size)
+    if grid_size is None:
+        return int(num_prefix_tokens), model_grid
+    grid = check_grid_size(grid_size)
+    if model_grid is not None and grid != model_grid:
+        raise ValueError(
+            f"grid_size {grid_size!r} does not match the token grid {model_grid} of model {type(model).__name__} "
+            f"for {image_size[0]}x{image_size[1]} images; leave it out"
+        )
+    return int(num_prefix_tokens), grid
+
+
+def token_pool(model: nn.Module) -> str:
+    """Return how ``model``'s head pools its output tokens, as a pool of
+    :func:`~vision_attn.explain.rollout.token_pool_weights`: ``'token'``, ``'distilled'``, ``'avg'``, ``'avg_all'``
+    or ``'seq'``.
+
+    Reads ``attn_pool`` (our :class:`~vision_attn.layers.SequencePool`: ``'seq'``), ``head_dist`` (timm's distilled
+    DeiT: ``'distilled'``), ``global_pool`` (``'token'``/``'avg'``; ``pool_include_prefix`` gives ``'avg_all'``);
+    a model that declares none of these is read as ``'token'`` with prefix tokens, else ``'avg'``. Raises
+    :class:`NotApplicableError` for pools no row weighting describes (timm's ``'max'``, ``'avgmax'``, attention
+    pooling ``'map'``).
+    """
+    name = type(model).__name__
+    global_pool = getattr(model, "global_pool", None)
+    attn_pool = getattr(model, "attn_pool", None)
+    if isinstance(attn_pool, SequencePool):
+        return "seq"
+    if isinstance(attn_pool, nn.Module):
+        raise NotApplicableError(
+            f"model {name} pools its tokens with {type(attn_pool).__name__} (global_pool={global_pool!r}); the "
+            f"token methods {TOKEN_METHODS} read class-token, distillation-token, average or sequence pooling "
+            "only; use a Grad-CAM method"
+        )
+    if isinstance(getattr(model, "head_dist", None), nn.Module):
+        return "distilled"
+    if global_pool == "token":
+        return "token"
+    if global_pool == "avg":
+        return "avg_all" if getattr(model, "pool_include_prefix", False) else "avg"
+    if isinstance(global_pool, str) and global_pool:
+        raise NotApplicableError(
+            f"model {name} pools its tokens by global_pool={global_pool!r}, which no weighting of token rows "
+            f"describes; the token methods {TOKEN_METHODS} need 'token', 'avg' or sequence pooling; use a Grad-CAM "
+            "method"
+        )
+    prefix = getattr(model, "num_prefix_tokens", None)
+    if prefix is None:
+        prefix = int(getattr(model, "cls_token", None) is not None)
+    return "token" if prefix > 0 else "avg"
+
+
+def require_classes(model: nn.Module, method: str) -> None:
+    """Raise :class:`NotApplicableError` if ``model`` has no classifier (``num_classes == 0``) for a class-target
+    ``method``."""
+    if getattr(model, "num_classes", None) == 0:
+        raise NotApplicableError(
+            f"method {method!r} explains a class logit, but model {type(model).__name__} has num_classes=0 (no "
+            f"classifier head: it returns features); build it with num_classes > 0 or use one of "
+            "('rollout', 'attention', 'spatial')"
+        )
+
+
+def check_logits(output: object, model: nn.Module, need_classes: bool = False) -> None:
+    """Raise ``ValueError`` if the model ``output`` holds NaN/Inf (naming the images), or, with ``need_classes``,
+    is not a logits tensor ``[B, num_classes]``."""
+    if not isinstance(output, torch.Tensor):
+        if need_classes:
+            raise ValueError(
+                f"model {type(model).__name__} returned {type(output).__name__}; explain needs logits [B, num_classes]"
+            )
+        return
+    if need_classes and output.ndim != 2:
+        raise ValueError(
+            f"model {type(model).__name__} returned shape {tuple(output.shape)}; explain needs logits [B, num_classes]"
+        )
+    finite = torch.isfinite(output.detach()).flatten(1).all(dim=1) if output.ndim > 1 else torch.isfinite(output)
+    if not finite.all():
+        bad = (~finite).nonzero().flatten().tolist()
+        raise ValueError(
+            f"model {type(model).__name__} returned NaN or Inf logits for images {bad[:10]}"
+            f"{' ...' if len(bad) > 10 else ''}; its weights or its inputs are broken (check the checkpoint and "
+            "the input normalization)"
+        )
+
+
+def to_model_inputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Return ``images`` on the device and in the floating dtype of ``model``'s first floating parameter/buffer."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.is_floating_point():
+            return images.to(device=tensor.device, dtype=tensor.dtype)
+    return images
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module, caller: str = "explain", stacklevel: int = 4) -> Iterator[None]:
+    """Run the block with ``model`` in eval mode and restore every module's train/eval flag afterwards.
+
+    A model found in train mode gets a ``UserWarning``: dropout would make the maps random and BatchNorm would
+    normalize by the batch and update its running statistics, so it is explained in eval mode instead.
+    """
+    flags = [(module, module.training) for module in model.modules()]
+    if any(training for _, training in flags):
+        warnings.warn(
+            f"{caller}: model {type(model).__name__} is in train mode; it is explained in eval mode (no dropout, "
+            "BatchNorm running statistics neither used from the batch nor updated) and put back in train mode "
+            "afterwards; call model.eval() first to silence this warning",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+        model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
 
 
 def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vision_attn.explain._common import resolve_targets
+from vision_attn.explain._common import NotApplicableError, check_logits, resolve_targets
 
 __all__ = ["CAM_METHODS", "cam_weights", "default_target_layer", "grad_cam"]
 
@@ -47,19 +47,25 @@ def default_target_layer(model: nn.Module, images: torch.Tensor) -> nn.Module:
 
     ViT-style models (``blocks`` and ``patch_embed``): the last block's ``norm1`` (the usual choice for ViTs).
     Otherwise the module that last produces a 4-D feature map with more than one location during a forward
-    pass of one image (``layer4`` for a ResNet).
+    pass of one image (``layer4`` for a ResNet), never one inside a token-attention module (whose ``q``/``k``
+    tensors ``[B, heads, N, head_dim]`` are 4-D too). Pass the unwrapped model (see
+    :func:`~vision_attn.explain._common.unwrap_model`).
     """
     blocks = getattr(model, "blocks", None)
-    if hasattr(model, "patch_embed") and isinstance(blocks, nn.Sequential) and len(blocks) > 0:
+    if hasattr(model, "patch_embed") and isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) > 0:
         last = blocks[-1]
         return last.norm1 if hasattr(last, "norm1") else last
+    inside_attention = {
+        id(sub) for m in model.modules() if hasattr(m, "fused_attn") for sub in m.modules() if sub is not m
+    }
     found: list[nn.Module] = []
 
     def hook(module: nn.Module, args: object, output: object) -> None:
         if isinstance(output, torch.Tensor) and output.ndim == 4 and output.shape[-1] * output.shape[-2] > 1:
             found.append(module)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if m is not model]
+    candidates = [m for m in model.modules() if m is not model and id(m) not in inside_attention]
+    handles = [m.register_forward_hook(hook) for m in candidates]
     try:
         with torch.no_grad():
             model(images[:1])
@@ -67,7 +73,7 @@ def default_target_layer(model: nn.Module, images: torch.Tensor) -> nn.Module:
         for handle in handles:
             handle.remove()
     if not found:
-        raise ValueError(
+        raise NotApplicableError(
             f"model {type(model).__name__} produces no 4-D feature map for Grad-CAM; pass target_layers=[module]"
         )
     return found[-1]
@@ -120,6 +126,7 @@ def grad_cam(
         with torch.enable_grad():
             x = images.detach().requires_grad_(True)
             logits = model(x)
+            check_logits(logits, model, need_classes=True)
             if len(activations) != len(target_layers):
                 raise ValueError(
                     f"target_layers has {len(target_layers)} layers, but {len(activations)} outputs were recorded "

@@ -25,7 +25,8 @@ class AttentionRecorder:
       forward (= block) order;
     * :attr:`maps`: every recorded map by hook-point name (token attention and the CNN ``AttentionTap`` maps:
       ``attention`` ``[B, heads, Nq, Nk]``, ``spatial`` ``[B, 1|C, H, W]``, ``channel`` ``[B, C, 1, 1]``),
-      with its kind in :attr:`kinds`; :attr:`token_names` names the token-attention hook points.
+      with its kind in :attr:`kinds`; :attr:`token_names` names the token-attention hook points;
+    * :attr:`pool_weights`: the token-pooling weights ``[B, N]`` of a sequence-pooling head (CCT), if any.
 
     The records are those of the latest ``model(...)`` call (they are cleared when it starts). On exit every
     ``fused_attn`` flag is restored and every hook removed, also when an exception is raised; the records stay
@@ -56,6 +57,12 @@ class AttentionRecorder:
     def attentions(self) -> list[torch.Tensor]:
         """Token attention probabilities ``[B, heads, N, N]``, one per attention call, in forward order."""
         return [t for name, t in self._records if name in self.token_names]
+
+    @property
+    def pool_weights(self) -> torch.Tensor | None:
+        """Token-pooling weights ``[B, N]`` of the latest ``'pool'`` tap (CCT sequence pooling), else ``None``."""
+        pools = [t for name, t in self._records if self.kinds.get(name) == "pool"]
+        return pools[-1].flatten(1) if pools else None
 
     @property
     def maps(self) -> dict[str, torch.Tensor]:

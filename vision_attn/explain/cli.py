@@ -19,15 +19,47 @@ from typing import Any
 import torch
 from torch import nn
 
-from vision_attn.explain._common import upsample_maps
-from vision_attn.explain.api import METHODS, TOKEN_METHODS, explain
+from vision_attn._io import atomic_write_text, check_writable_dir
+from vision_attn.data.images import (
+    channel_stats,
+    find_image_files,
+    load_dataset_images,
+    load_image_files,
+    parse_dataset_spec,
+    read_boxes,
+    resize_boxes,
+    unique_names,
+)
+from vision_attn.explain._common import NotApplicableError, upsample_maps
+from vision_attn.explain.api import METHODS, explain
 from vision_attn.explain.cam import CAM_METHODS
-from vision_attn.explain.capture import AttentionRecorder
 
-__all__ = ["build_parser", "load_images", "load_model", "main"]
+__all__ = ["build_parser", "load_model", "main"]
 
 SCORES = ("pointing_game", "energy_pointing", "deletion_auc", "insertion_auc")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def _int_at_least(minimum: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME[:SPLIT]",
         help="instead of --images: the embedded dataset, 'cluttered_fashion_mnist:test' (with boxes)",
     )
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N dataset images")
+    parser.add_argument("--limit", type=_int_at_least(1), default=None, help="use only the first N dataset images")
     parser.add_argument(
         "--method",
         nargs="+",
@@ -89,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"scores to compute, of {', '.join(SCORES)} (box scores need boxes; default: all)",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--target", type=int, default=None, help="class to explain (default: the predicted one)")
+    parser.add_argument(
+        "--target", type=_int_at_least(0), default=None, help="class to explain (default: the predicted one)"
+    )
     parser.add_argument(
         "--target-layer",
         default=None,
@@ -100,17 +134,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--boxes",
         default=None,
         metavar="JSON",
-        help="JSON {image file name: [x_min, y_min, x_max, y_max]} to add pointing-game scores",
+        help="JSON {image path or file name: [x_min, y_min, x_max, y_max]} in the image's own pixels, to add "
+        "pointing-game scores (boxes are rescaled with the image)",
     )
-    parser.add_argument("--mean", type=float, nargs="+", default=None, help="input normalization mean")
-    parser.add_argument("--std", type=float, nargs="+", default=None, help="input normalization std")
-    parser.add_argument("--steps", type=int, default=16, help="deletion/insertion steps (0: skip them)")
-    parser.add_argument("--grid-images", type=int, default=8, help="rows of grid.png (first N images)")
+    parser.add_argument(
+        "--img-size", type=_int_at_least(1), nargs="+", default=None, metavar="N",
+        help="resize images to N (or H W) pixels (default: the checkpoint's img_size, else the model's input size)",
+    )
+    parser.add_argument("--mean", type=float, nargs="+", default=None,
+                        help="input normalization mean: 1 value or one per model input channel")
+    parser.add_argument("--std", type=float, nargs="+", default=None,
+                        help="input normalization std: 1 value or one per model input channel")
+    parser.add_argument("--steps", type=_int_at_least(0), default=16, help="deletion/insertion steps (0: skip them)")
+    parser.add_argument("--grid-images", type=_int_at_least(1), default=8, help="rows of grid.png (first N images)")
     parser.add_argument("--no-overlays", action="store_true", help="write no per-image overlay PNGs")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    parser.add_argument("--batch-size", type=_int_at_least(1), default=32)
+    parser.add_argument("--alpha", type=_fraction, default=0.5, help="overlay opacity in [0, 1]")
     parser.add_argument("--cmap", default="jet", help="matplotlib colormap")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     return parser  # fmt: skip
 
 
@@ -163,7 +204,7 @@ def load_model(
 
     Checkpoints from ``train.py`` use the EMA weights when they have them (as the export does). ``info`` holds
     ``name`` and, where the checkpoint or the model's pretrained config says, ``mean``, ``std``,
-    ``input_size`` and ``class_names``.
+    ``input_size``, ``class_names`` and ``img_size`` (the size the checkpoint was trained at).
     """
     import vision_attn
 
@@ -180,7 +221,7 @@ def load_model(
             if not isinstance(name, str):
                 raise ValueError(f"{meta_path!r} must exist and name the model ('model_name') for {path!r}")
             model = vision_attn.create_model(name, checkpoint_path=path, **model_args)
-            info.update({k: meta[k] for k in ("mean", "std", "class_names") if k in meta})
+            info.update({k: meta[k] for k in ("mean", "std", "class_names", "img_size") if k in meta})
         else:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain types only
             if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
@@ -199,7 +240,7 @@ def load_model(
             model.load_state_dict(_strip_prefix(ckpt["state_dict"], model))
             if "classes" in data and "class_names" not in data:
                 data["class_names"] = data["classes"]
-            info.update({k: data[k] for k in ("mean", "std", "class_names") if data.get(k) is not None})
+            info.update({k: data[k] for k in ("mean", "std", "class_names", "img_size") if data.get(k) is not None})
         info["name"] = name
     elif model_name is not None:
         if model_name in vision_attn.list_models():
@@ -222,91 +263,6 @@ def load_model(
     return model.eval(), info
 
 
-def _image_paths(paths: Sequence[str]) -> list[Path]:
-    found: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.is_file():
-            found.append(p)
-        else:
-            raise FileNotFoundError(f"--images entry {str(p)!r} is neither a file nor a folder")
-    if not found:
-        raise ValueError(f"--images {list(paths)} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-    return found
-
-
-def load_images(
-    paths: Sequence[Path],
-    in_chans: int,
-    size: tuple[int, int] | None,
-    mean: Sequence[float] | None,
-    std: Sequence[float] | None,
-) -> torch.Tensor:
-    """Read image files as a normalized float batch ``[B, in_chans, H, W]`` resized (bilinear) to ``size``."""
-    import numpy as np
-    from PIL import Image
-
-    if in_chans not in (1, 3):
-        raise ValueError(f"in_chans must be 1 or 3 to read image files, got {in_chans}")
-    tensors = []
-    for path in paths:
-        with Image.open(path) as img:
-            img = img.convert("L" if in_chans == 1 else "RGB")
-            if size is not None and img.size != (size[1], size[0]):
-                img = img.resize((size[1], size[0]), Image.BILINEAR)
-            arr = np.asarray(img, dtype=np.float32) / 255.0
-        tensors.append(torch.from_numpy(arr).reshape(*arr.shape[:2], -1).permute(2, 0, 1))
-    shapes = {tuple(t.shape) for t in tensors}
-    if len(shapes) > 1:
-        raise ValueError(f"images have different sizes {sorted(shapes)}; the model needs one size (give --img-size)")
-    batch = torch.stack(tensors)
-    if mean is not None and std is not None:
-        mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)[:in_chans]
-        std_t = torch.as_tensor(std, dtype=torch.float32).reshape(-1)[:in_chans]
-        batch = (batch - mean_t[:, None, None]) / std_t[:, None, None]
-    return batch
-
-
-def load_dataset_images(
-    spec: str, limit: int | None, in_chans: int, mean: Sequence[float] | None, std: Sequence[float] | None
-) -> tuple[torch.Tensor, list[str], torch.Tensor, torch.Tensor]:
-    """Load ``spec`` = ``'cluttered_fashion_mnist[:test|train]'`` as ``(images, names, boxes [B, 4], labels)``.
-
-    Images are normalized by ``mean``/``std`` (default: the dataset's) and repeated to ``in_chans``.
-    """
-    from vision_attn.data.cluttered import ClutteredFashionMNIST
-
-    name, _, split = spec.partition(":")
-    if name != "cluttered_fashion_mnist":
-        raise ValueError(f"--dataset {spec!r} is unknown; expected 'cluttered_fashion_mnist[:test|train]'")
-    data = ClutteredFashionMNIST(split or "test")
-    count = len(data) if limit is None else min(limit, len(data))
-    images = torch.from_numpy(data.images[:count]).float().div(255)[:, None]
-    mean = mean if mean is not None else [data.meta["mean"]]
-    std = std if std is not None else [data.meta["std"]]
-    images = (images - mean[0]) / std[0]
-    images = images.expand(-1, in_chans, -1, -1).contiguous()
-    names = [f"{split or 'test'}_{i:04d}" for i in range(count)]
-    boxes = torch.as_tensor(data.boxes[:count], dtype=torch.float32)
-    return images, names, boxes, torch.as_tensor(data.targets[:count])
-
-
-def _in_chans(model: nn.Module) -> int:
-    from vision_attn.explain._common import _in_chans as find
-
-    return find(model) or 3
-
-
-def _applies(model: nn.Module, method: str) -> bool:
-    recorder = AttentionRecorder(model)
-    if method in TOKEN_METHODS:
-        return recorder.has_token_attention
-    if method == "spatial":
-        return "spatial" in recorder.kinds.values()
-    return True
-
-
 def _method_options(method: str, chunk_index: int, target_layer: str | None) -> dict[str, Any]:
     if method == "random":
         return {"seed": chunk_index}
@@ -322,6 +278,47 @@ def _parse_method(spec: str) -> tuple[int | None, str]:
     return (int(index) if index else None), method
 
 
+def _check_device(spec: str) -> torch.device:
+    """``--device`` as a ``torch.device``; ``ValueError`` for a malformed one or one this machine lacks."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"--device {spec!r} is not a device; expected cpu, cuda, cuda:N or mps") from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {spec!r} needs a CUDA GPU, but none is available here; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {spec!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {spec!r} needs Apple's MPS backend, which is not available; use --device cpu")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {spec!r} is not supported; expected cpu, cuda, cuda:N or mps")
+    return device
+
+
+def _in_chans(model: nn.Module) -> int:
+    from vision_attn.explain._common import _in_chans as find
+
+    return find(model) or 3
+
+
+def _input_size(model: nn.Module, info: dict[str, Any], img_size: Sequence[int] | None) -> tuple[int, int] | None:
+    """``(H, W)`` images are resized to: ``--img-size``, else the checkpoint's ``img_size`` (what the model was
+    trained at; for CNNs the model itself does not know it), else the model's own input size."""
+    for size in (img_size, info.get("img_size"), info.get("input_size")):
+        if size is None:
+            continue
+        size = [size] if isinstance(size, int) else list(size)
+        if len(size) == 1:
+            size = size * 2
+        if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
+            raise ValueError(f"image size {size!r} (--img-size or the checkpoint's img_size) must be N or H W")
+        return int(size[0]), int(size[1])
+    return None
+
+
 def _markdown_table(summary: dict[str, dict[str, float]]) -> str:
     metrics = sorted({k for row in summary.values() for k in row})
     lines = ["| method | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
@@ -330,69 +327,119 @@ def _markdown_table(summary: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def _check_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """Validate what can be checked before loading a model; returns the parsed pieces (``ValueError`` etc.)."""
+    methods = list(dict.fromkeys(_parse_method(m) for m in args.method))  # a repeated method runs once
+    unknown_scores = sorted(set(args.scores) - set(SCORES))
+    if unknown_scores:
+        raise ValueError(f"--scores {unknown_scores} unknown; expected some of {SCORES}")
+    if (args.images is None) == (args.dataset is None):
+        raise ValueError("give exactly one of --images PATH... or --dataset NAME[:SPLIT]")
+    if args.dataset is not None:
+        parse_dataset_spec(args.dataset)
+    if args.limit is not None and args.dataset is None:
+        raise ValueError(f"--limit {args.limit} applies to --dataset only; with --images, list the files you want")
+    if args.img_size is not None and len(args.img_size) > 2:
+        raise ValueError(f"--img-size takes N or H W, got {len(args.img_size)} values {args.img_size}")
+    try:
+        model_args = json.loads(args.model_args)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--model-args {args.model_args!r} is not valid JSON: {err}") from err
+    if not isinstance(model_args, dict):
+        raise ValueError(f"--model-args must be a JSON object such as '{{\"num_classes\": 10}}', got {model_args!r}")
+    sources: list[tuple[str | None, str | None, str | None]] = [(c, None, None) for c in args.checkpoint]
+    if len(args.weights) > len(args.model):
+        raise ValueError(f"{len(args.weights)} --weights for {len(args.model)} --model")
+    weights = args.weights + [None] * (len(args.model) - len(args.weights))
+    sources += [(None, m, w) for m, w in zip(args.model, weights, strict=True)]
+    if not sources:
+        raise ValueError("give a --checkpoint PATH or a --model NAME")
+    wrong = [f"{k}:{m}" for k, m in methods if k is not None and k >= len(sources)]
+    if wrong:
+        raise ValueError(f"--method {wrong} names a model index beyond the {len(sources)} models given")
+    for option, values in (("--mean", args.mean), ("--std", args.std)):
+        if values is not None:
+            channel_stats(values, len(values), option)  # finite (and a positive std); the length per model later
+    from matplotlib import colormaps
+
+    if args.cmap not in colormaps:
+        raise ValueError(f"--cmap {args.cmap!r} is not a matplotlib colormap (e.g. jet, viridis, inferno)")
+    device = _check_device(args.device)
+    paths = find_image_files(args.images) if args.images is not None else []
+    boxes = read_boxes(args.boxes, paths) if args.boxes and paths else None
+    if args.boxes and args.dataset is not None:
+        raise ValueError("--boxes applies to --images; the dataset brings its own boxes")
+    out = check_writable_dir(args.out, "--out")
+    return dict(methods=methods, model_args=model_args, sources=sources, device=device, paths=paths, boxes=boxes,
+                out=out)  # fmt: skip
+
+
+def _model_images(
+    args: argparse.Namespace, model: nn.Module, info: dict[str, Any], paths: list[Path], file_boxes: Any
+) -> tuple[torch.Tensor, list[str], torch.Tensor | None, tuple | None, tuple | None]:
+    """``(images, names, boxes, mean, std)`` for one model: read, resized and normalized as the model expects."""
+    in_chans = _in_chans(model)
+    mean = channel_stats(args.mean, in_chans, "--mean") if args.mean is not None else None
+    std = channel_stats(args.std, in_chans, "--std") if args.std is not None else None
+    mean = mean or channel_stats(info.get("mean"), in_chans, f"the mean of {info['name']}", convert=True)
+    std = std or channel_stats(info.get("std"), in_chans, f"the std of {info['name']}", convert=True)
+    size = _input_size(model, info, args.img_size)
+    if args.dataset is not None:
+        from vision_attn.data.datasets import dataset_info
+
+        data = dataset_info(parse_dataset_spec(args.dataset)[0])
+        mean = mean or channel_stats(data.mean, in_chans, "the dataset's mean", convert=True)
+        std = std or channel_stats(data.std, in_chans, "the dataset's std", convert=True)
+        images, names, boxes, _ = load_dataset_images(args.dataset, args.limit, in_chans, size, mean, std)
+        return images, names, boxes, mean, std
+    images, sizes = load_image_files(paths, in_chans, size, mean, std)
+    boxes = None if file_boxes is None else resize_boxes(file_boxes, sizes, tuple(images.shape[-2:]))
+    return images, unique_names(paths), boxes, mean, std
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``vision-attn explain``; returns the exit code (0 on success, 2 on bad arguments)."""
+    """Run ``vision-attn explain``; returns the exit code (0 on success, 2 on bad arguments).
+
+    Writes ``<out>/grid.png`` (image x method), ``<out>/scores.json`` and, unless ``--no-overlays``, one overlay
+    ``<image>_<method>.png`` per image and map. A method that does not apply to a model (e.g. rollout on a CNN)
+    is skipped and reported; the run fails only when no method applies to any model.
+    """
     from vision_attn.explain.metrics import deletion_auc, energy_pointing, insertion_auc, pointing_game
     from vision_attn.explain.plot import method_grid, save_overlay
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        methods = [_parse_method(m) for m in args.method]
-        unknown_scores = sorted(set(args.scores) - set(SCORES))
-        if unknown_scores:
-            raise ValueError(f"--scores {unknown_scores} unknown; expected some of {SCORES}")
-        if (args.images is None) == (args.dataset is None):
-            raise ValueError("give exactly one of --images PATH... or --dataset NAME[:SPLIT]")
-        model_args = json.loads(args.model_args)
-        sources: list[tuple[str | None, str | None, str | None]] = [(c, None, None) for c in args.checkpoint]
-        if len(args.weights) > len(args.model):
-            raise ValueError(f"{len(args.weights)} --weights for {len(args.model)} --model")
-        weights = args.weights + [None] * (len(args.model) - len(args.weights))
-        sources += [(None, m, w) for m, w in zip(args.model, weights, strict=True)]
-        if not sources:
-            raise ValueError("give a --checkpoint PATH or a --model NAME")
-        wrong = [f"{k}:{m}" for k, m in methods if k is not None and k >= len(sources)]
-        if wrong:
-            raise ValueError(f"--method {wrong} names a model index beyond the {len(sources)} models given")
-        paths = _image_paths(args.images) if args.images is not None else []
-        boxes_by_name = json.loads(Path(args.boxes).read_text()) if args.boxes else {}
-        missing = [p.name for p in paths if boxes_by_name and p.name not in boxes_by_name]
-        if missing:
-            raise ValueError(f"--boxes has no box for {missing}")
-        if args.mean is not None and args.std is not None and len(args.mean) != len(args.std):
-            raise ValueError(f"--mean {args.mean} and --std {args.std} need the same length")
-    except (ValueError, FileNotFoundError, json.JSONDecodeError) as err:
+        plan = _check_arguments(args)
+    except (ValueError, TypeError, FileNotFoundError) as err:
         parser.error(str(err))
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device)
+    out, device, sources = plan["out"], plan["device"], plan["sources"]
     records: list[dict[str, Any]] = []
     grid_maps: dict[str, torch.Tensor] = {}
     summary: dict[str, dict[str, float]] = {}
-    shown: torch.Tensor | None = None
-    display: tuple[Any, Any] = (None, None)
-    boxes = torch.tensor([boxes_by_name[p.name] for p in paths], dtype=torch.float32) if boxes_by_name else None
+    skipped: list[dict[str, str]] = []
+    shown: dict[str, Any] = {}
     for index, (checkpoint, model_name, weight_file) in enumerate(sources):
-        model, info = load_model(checkpoint, model_name, weight_file, model_args)
+        model, info = load_model(checkpoint, model_name, weight_file, plan["model_args"])
         model.to(device)
-        mean = args.mean if args.mean is not None else info.get("mean")
-        std = args.std if args.std is not None else info.get("std")
-        if args.dataset is not None:
-            images, names, boxes, _ = load_dataset_images(args.dataset, args.limit, _in_chans(model), mean, std)
-        else:
-            images = load_images(paths, _in_chans(model), info.get("input_size"), mean, std)
-            names = [p.stem for p in paths]
+        images, names, boxes, mean, std = _model_images(args, model, info, plan["paths"], plan["boxes"])
         images = images.to(device)
         if not records:
             records = [{"image": name, "models": {}} for name in names]
-        if shown is None:
-            shown, display = images[: args.grid_images].cpu(), (mean, std)
+            for record, path in zip(records, plan["paths"], strict=False):
+                record["path"] = str(path)
+            shown = dict(images=images[: args.grid_images].cpu(), mean=mean, std=std,
+                         boxes=None if boxes is None else boxes[: args.grid_images])  # fmt: skip
         label = info["name"] if len(sources) == 1 else f"{index}:{info['name']}"
         with torch.no_grad():
             logits = torch.cat([model(chunk) for chunk in images.split(args.batch_size)])
-        probs = logits.softmax(dim=-1)
+        if args.target is not None and logits.ndim == 2 and args.target >= logits.shape[1]:
+            raise ValueError(
+                f"--target {args.target} is out of range: model {info['name']} has {logits.shape[1]} classes "
+                f"(0 to {logits.shape[1] - 1})"
+            )
+        probs = logits.float().softmax(dim=-1)
         class_names = list(info.get("class_names") or [])
         for i, rec in enumerate(records):
             pred = int(probs[i].argmax())
@@ -402,16 +449,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "probability": float(probs[i, pred]),
                 "scores": {},
             }
-        chosen = [m for k, m in methods if k == index or (k is None and (len(sources) == 1 or _applies(model, m)))]
-        for method in chosen:
-            maps = torch.cat(
-                [
-                    explain(model, chunk, method, args.target, **_method_options(method, k, args.target_layer))
-                    for k, chunk in enumerate(images.split(args.batch_size))
-                ]
-            )
+        for method in [m for k, m in plan["methods"] if k in (None, index)]:
             column = method if len(sources) == 1 else f"{label}:{method}"
-            grid_maps[column] = upsample_maps(maps[: args.grid_images].cpu(), tuple(shown.shape[-2:]))
+            try:
+                maps = torch.cat(
+                    [
+                        explain(model, chunk, method, args.target, **_method_options(method, k, args.target_layer))
+                        for k, chunk in enumerate(images.split(args.batch_size))
+                    ]
+                )
+            except NotApplicableError as err:
+                skipped.append({"model": label, "method": method, "reason": str(err)})
+                continue
+            grid_maps[column] = upsample_maps(maps[: args.grid_images].cpu(), tuple(shown["images"].shape[-2:]))
             scores: dict[str, torch.Tensor] = {}
             kw = {"steps": args.steps, "batch_size": args.batch_size}
             if boxes is not None and "pointing_game" in args.scores:
@@ -427,17 +477,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rec["models"][label]["scores"][method] = {k: float(v[i]) for k, v in scores.items()}
                 if not args.no_overlays:
                     save_overlay(
-                        out / f"{names[i]}_{column.replace(':', '_')}.png", images[i].cpu(), maps[i].cpu(),
-                        cmap=args.cmap, alpha=args.alpha, mean=mean, std=std,
+                        out / f"{names[i]}_{column.replace(':', '_').replace('/', '_')}.png", images[i].cpu(),
+                        maps[i].cpu(), cmap=args.cmap, alpha=args.alpha, mean=mean, std=std,
                     )  # fmt: skip
-    if shown is not None and grid_maps:
-        method_grid(
-            shown, grid_maps, out / "grid.png", row_titles=[r["image"] for r in records[: len(shown)]],
-            boxes=None if boxes is None else boxes[: len(shown)], cmap=args.cmap, alpha=args.alpha,
-            mean=display[0], std=display[1],
-        )  # fmt: skip
-    result = {"methods": list(args.method), "summary": summary, "images": records}
-    (out / "scores.json").write_text(json.dumps(result, indent=2))
+    for skip in skipped:
+        print(f"skipped {skip['model']}:{skip['method']}: {skip['reason']}")
+    if not grid_maps:
+        reasons = "; ".join(f"{s['model']}:{s['method']}: {s['reason']}" for s in skipped)
+        raise NotApplicableError(f"no method applies to any model: {reasons}")
+    method_grid(
+        shown["images"], grid_maps, out / "grid.png", row_titles=[r["image"] for r in records[: len(shown["images"])]],
+        boxes=shown["boxes"], cmap=args.cmap, alpha=args.alpha, mean=shown["mean"], std=shown["std"],
+    )  # fmt: skip
+    result = {"methods": list(args.method), "summary": summary, "skipped": skipped, "images": records}
+    atomic_write_text(out / "scores.json", json.dumps(result, indent=2) + "\n")
     print(_markdown_table(summary))
-    print(f"wrote {len(records)} images x {len(summary)} maps to {out}/ (grid.png, scores.json)")
+    note = f", {len(skipped)} model/method pairs skipped" if skipped else ""
+    print(f"wrote {len(records)} images x {len(summary)} maps to {out}/ (grid.png, scores.json){note}")
     return 0

@@ -13,7 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vision_attn.explain._common import resolve_targets
+from vision_attn.explain._common import (
+    check_logits,
+    check_target,
+    eval_mode,
+    require_classes,
+    resolve_targets,
+    to_model_inputs,
+    unwrap_model,
+)
 
 __all__ = [
     "SUBSTRATES",
@@ -103,12 +111,13 @@ def _substrate(images: torch.Tensor, substrate: str) -> torch.Tensor:
         return torch.zeros_like(images)
     if substrate == "mean":
         return images.mean(dim=(2, 3), keepdim=True).expand_as(images)
-    if substrate == "blur":  # RISE's insertion substrate: a strong Gaussian blur (sigma ~ 1/8 of the image side)
+    if substrate == "blur":  # RISE's insertion substrate: a strong Gaussian blur (sigma = 1/8 of each image side)
         from torchvision.transforms.functional import gaussian_blur
 
-        sigma = max(images.shape[-1], images.shape[-2]) / 8
-        kernel = int(2 * round(3 * sigma) + 1)
-        return gaussian_blur(images, [kernel, kernel], [sigma, sigma])
+        # per axis, so the kernel's reflect padding (3 sigma) stays inside a non-square image's short side
+        sigma_y, sigma_x = images.shape[-2] / 8, images.shape[-1] / 8
+        kernel = [int(2 * round(3 * sigma_x) + 1), int(2 * round(3 * sigma_y) + 1)]  # torchvision: (kx, ky)
+        return gaussian_blur(images, kernel, [sigma_x, sigma_y])
     raise ValueError(f"substrate {substrate!r} is unknown; expected one of {SUBSTRATES}")
 
 
@@ -127,21 +136,33 @@ def _causal_auc(
         raise ValueError(
             f"maps {tuple(maps.shape)} must be [B, H, W] for images {tuple(images.shape)} of the same B, H, W"
         )
-    if not isinstance(steps, int) or steps < 1:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    check_target(target)
+    model = unwrap_model(model)
+    require_classes(model, "deletion/insertion AUC")
+    start, finish = to_model_inputs(model, start), to_model_inputs(model, finish)
     batch, num_pixels = images.shape[0], maps.shape[-1] * maps.shape[-2]
     # rank 0 = most salient pixel; at step k the pixels with rank < k * num_pixels / steps are switched
     order = maps.flatten(1).argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(num_pixels, device=order.device).expand_as(order))
-    rank = rank.view(batch, 1, *maps.shape[-2:]).to(images.device)
-    with torch.no_grad():
-        targets = resolve_targets(target, torch.cat([model(chunk) for chunk in images.split(batch_size)]))
+    rank = rank.view(batch, 1, *maps.shape[-2:]).to(start.device)
+
+    def logits_of(batch_images: torch.Tensor) -> torch.Tensor:
+        logits = torch.cat([model(chunk) for chunk in batch_images.split(batch_size)])
+        check_logits(logits, model, need_classes=True)
+        return logits.float()
+
+    with torch.no_grad(), eval_mode(model, "deletion/insertion AUC", stacklevel=5):
+        targets = resolve_targets(target, logits_of(to_model_inputs(model, images)))
         curve = []
         for k in range(steps + 1):
             perturbed = torch.where(rank < round(k * num_pixels / steps), finish, start)
-            probs = torch.cat([model(chunk).softmax(dim=-1) for chunk in perturbed.split(batch_size)])
+            probs = logits_of(perturbed).softmax(dim=-1)
             curve.append(probs.gather(1, targets[:, None])[:, 0])
-    return torch.trapezoid(torch.stack(curve, dim=1), dx=1.0 / steps, dim=1)
+    return torch.trapezoid(torch.stack(curve, dim=1), dx=1.0 / steps, dim=1).to(images.device)
 
 
 def deletion_auc(
@@ -158,7 +179,9 @@ def deletion_auc(
     Pixels are replaced by ``substrate`` (``'zero'``, ``'mean'``, ``'blur'``) in order of decreasing saliency in
     ``steps`` equal steps; the score is the area under the target-class softmax probability curve over the
     deleted fraction [0, 1] (trapezoidal). ``target``: ``None`` = the class predicted on the intact image.
-    Runs the model on ``B * (steps + 1)`` images, ``batch_size`` at a time, without gradients.
+    Runs the model on ``B * (steps + 1)`` images, ``batch_size`` at a time, without gradients, in eval mode (as
+    :func:`~vision_attn.explain.explain`: wrappers unwrapped, images cast to the model, NaN/Inf logits refused).
+    ``'blur'`` uses a Gaussian of sigma 1/8 of each image side (so it works on non-square images).
     """
     return _causal_auc(model, images, maps, target, steps, images, _substrate(images, substrate), batch_size)
 

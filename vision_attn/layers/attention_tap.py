@@ -5,15 +5,16 @@ module, and :class:`vision_attn.explain.AttentionRecorder` hooks that module:
 
 * token attention (ViT ``Attention`` here and in timm): the input of ``attn_drop`` on the explicit
   (non-fused) path, i.e. the post-softmax probabilities ``[B, heads, N, N]``;
-* anything else (CNN gates, spatial maps, conv-attention probabilities): the output of an
-  :class:`AttentionTap` placed where the map is computed.
+* anything else (CNN gates, spatial maps, conv-attention probabilities, token-pooling weights): the output of
+  an :class:`AttentionTap` placed where the map is computed.
 
 timm's CNN attention modules are not edited and get no rule here: :mod:`vision_attn.layers.cnn_attn` wraps
 them in thin subclasses (same parameters and state-dict keys) that route their map through an
 :class:`AttentionTap` (SE / ECA / CBAM channel gates ``channel``; CBAM spatial and coordinate-attention gates
 ``spatial``; non-local affinities ``attention``); :class:`vision_attn.layers.bot.BotAttention` (timm's
 ``BottleneckAttn``) and :class:`vision_attn.layers.aa_conv.AugmentedConv2d` tap their probabilities
-(``attention``). These have no fused path, so taps fire on every forward.
+(``attention``); :class:`vision_attn.layers.pooling.SequencePool` taps its token weights (``pool``), which the
+explain methods use to read the tokens the head pools. These have no fused path, so taps fire on every forward.
 """
 
 from __future__ import annotations
@@ -25,14 +26,14 @@ from torch import nn
 
 __all__ = ["AttentionTap", "HookPoint", "attention_hook_points"]
 
-TAP_KINDS = ("attention", "spatial", "channel")
+TAP_KINDS = ("attention", "spatial", "channel", "pool")
 
 
 class AttentionTap(nn.Identity):
-    """Identity module marking an attention map of ``kind`` in ``('attention', 'spatial', 'channel')``.
+    """Identity module marking an attention map of ``kind`` in ``('attention', 'spatial', 'channel', 'pool')``.
 
     ``attention``: probabilities ``[B, heads, N_query, N_key]``; ``spatial``: a gate ``[B, 1|C, H, W]``;
-    ``channel``: a gate ``[B, C, 1, 1]`` (or ``[B, C]``).
+    ``channel``: a gate ``[B, C, 1, 1]`` (or ``[B, C]``); ``pool``: token-pooling weights ``[B, N, 1]``.
     """
 
     def __init__(self, kind: str = "attention") -> None:

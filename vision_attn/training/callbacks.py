@@ -45,9 +45,9 @@ class AttentionOverlays(_LogDirCallback):
 
     ``method='auto'`` uses attention rollout (Abnar & Zuidema 2020) for models with token attention, the
     model's own spatial attention maps for attention CNNs, and Grad-CAM otherwise (all from
-    :func:`vision_attn.explain.explain`). The grid is written to ``<log_dir>/attention/epoch=NNN.png`` and
-    logged to TensorBoard as an image. Bounding boxes are drawn when the dataset has them. ``every_n_epochs=0``
-    turns it off.
+    :func:`vision_attn.explain.explain`). The grid (rows titled "true / predicted" class) is written to
+    ``<log_dir>/attention/epoch=NNN.png`` and logged to TensorBoard as an image. Bounding boxes are drawn when
+    the dataset has them. ``every_n_epochs=0`` turns it off.
     """
 
     AUTO_ORDER = ("rollout", "spatial", "gradcam")
@@ -78,9 +78,13 @@ class AttentionOverlays(_LogDirCallback):
         base, indices = getattr(dataset, "base", None), getattr(dataset, "indices", None)
         boxes = getattr(base, "boxes", None)
         native = getattr(base, "images", None)
-        if boxes is not None and native is not None and native.shape[-1] == self._images.shape[-1]:
+        transform = getattr(dataset, "transform", None)
+        if boxes is not None and native is not None and hasattr(transform, "transforms"):
+            from vision_attn.data.images import transform_boxes
+
             rows = indices[:count] if indices is not None else np.arange(count)
-            self._boxes = torch.as_tensor(boxes[rows], dtype=torch.float32)
+            # the boxes go through the same eval resize + crop as the images, so they outline the object drawn
+            self._boxes = torch.cat([transform_boxes(transform, native[row].shape, boxes[row]) for row in rows])
 
     def _explain(self, net: torch.nn.Module, images: torch.Tensor) -> tuple[str, torch.Tensor]:
         from vision_attn.explain import explain
@@ -108,29 +112,37 @@ class AttentionOverlays(_LogDirCallback):
             self._fixed_batch(trainer)
             if self._images is None:
                 return
-        from vision_attn.explain.plot import method_grid
+        from PIL import Image
+
+        from vision_attn.explain.plot import grid_image
 
         net = pl_module.eval_net if hasattr(pl_module, "eval_net") else pl_module
         was_training = net.training
         net.eval()
+        images = self._images.to(pl_module.device)
         try:
+            with torch.no_grad():
+                preds = net(images).argmax(dim=1).cpu()
             with torch.inference_mode(False), torch.enable_grad():
-                method, maps = self._explain(net, self._images.to(pl_module.device).clone())
+                method, maps = self._explain(net, images.clone())
         finally:
             net.train(was_training)
         data = trainer.datamodule
         classes = getattr(data, "classes", None)
-        titles = [classes[int(y)] if classes else str(int(y)) for y in self._labels]
-        out_dir = (self.log_dir or Path(trainer.default_root_dir)) / "attention"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fig = method_grid(
-            self._images, {method: maps.cpu()}, out_dir / f"epoch={trainer.current_epoch:03d}.png",
-            row_titles=titles, boxes=self._boxes, mean=getattr(data, "mean", None), std=getattr(data, "std", None),
+
+        def name(y: torch.Tensor) -> str:
+            return classes[int(y)] if classes else str(int(y))
+
+        titles = [f"{name(y)} / {name(p)}" for y, p in zip(self._labels, preds, strict=True)]
+        rgb = grid_image(
+            self._images, {f"{method} (true / predicted)": maps.cpu()}, row_titles=titles, boxes=self._boxes,
+            mean=getattr(data, "mean", None), std=getattr(data, "std", None),
         )  # fmt: skip
+        path = (self.log_dir or Path(trainer.default_root_dir)) / "attention" / f"epoch={trainer.current_epoch:03d}.png"
+        with atomic_open(path) as f:
+            Image.fromarray(rgb).save(f, format="png")
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                fig.canvas.draw()
-                rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3]
                 logger.experiment.add_image(f"attention/{method}", rgb, trainer.global_step, dataformats="HWC")
 
 
@@ -208,8 +220,10 @@ class TrainSummary(_LogDirCallback):
         metrics = {k: round(float(v), 5) for k, v in sorted(trainer.callback_metrics.items()) if v.numel() == 1}
         ckpt = trainer.checkpoint_callback
         best_score = getattr(ckpt, "best_model_score", None)
+        net = getattr(trainer.lightning_module, "net", trainer.lightning_module)
         return {
             "metrics": metrics,
+            "num_parameters": sum(p.numel() for p in net.parameters()),
             "epochs": trainer.current_epoch,
             "global_step": trainer.global_step,
             "fit_seconds": round(time.perf_counter() - self._fit_start, 1),
