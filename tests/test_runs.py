@@ -185,6 +185,8 @@ def test_ckpt_path_best_follows_the_newest_run_that_has_one(tmp_path: Path) -> N
     _fake_checkpoint(ckpts / "last.ckpt", 6, 1_100, best="/elsewhere/version_0/checkpoints/best-epoch=001.ckpt")
     _fake_checkpoint(tmp_path / "version_1" / "checkpoints" / "last.ckpt", 2, 2_000)  # no validation: no best
     assert find_checkpoint(tmp_path, "best") == ckpts / "best-epoch=001.ckpt"
+    (ckpts / "cut.ckpt").write_bytes(b"PK\x03\x04 truncated")  # newest file of the run, unreadable: looked past
+    assert find_checkpoint(tmp_path, "best") == ckpts / "best-epoch=001.ckpt"
 
 
 def test_csv_logger_appends_when_a_run_continues(tmp_path: Path) -> None:

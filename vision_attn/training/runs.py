@@ -171,12 +171,12 @@ def find_checkpoint(run_dir: str | os.PathLike, which: str, resumable: bool = Fa
     for path in _checkpoints_newest_first(run_dir):
         folder = path.parent.parent
         if which == "best" and folder in seen:
-            continue
-        seen.add(folder)
+            continue  # a run's best is recorded in its newest readable checkpoint
         ckpt = read_checkpoint(path)
         if ckpt is None or (resumable and not is_resumable(ckpt)):
             skipped.append(f"{path} ({'unreadable' if ckpt is None else 'not resumable'})")
             continue
+        seen.add(folder)
         found = path if which == "last" else _best_of(ckpt, folder)
         if found is not None:
             return found
