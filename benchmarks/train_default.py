@@ -101,8 +101,7 @@ def train(model: str, max_time: str, extra: list[str]) -> dict[str, Any]:
     cmd = [
         sys.executable, "train.py", "fit", "--config", "configs/default.yaml", *overrides,
         "--model.schedule=time", f"--trainer.max_time={max_time}", "--trainer.max_epochs=1000",
-        f"--trainer.default_root_dir=runs/{name}", f"--checkpoint.dirpath=runs/{name}/checkpoints",
-        f"--export.dirpath=runs/{name}/export", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
+        f"--run_dir=runs/{name}", "--trainer.enable_progress_bar=false", "--trainer.logger=false",  # version_K/
         *extra,
     ]  # fmt: skip
     print("$", " ".join(cmd), flush=True)

@@ -14,8 +14,11 @@ import vision_attn
 from vision_attn.cli import main as cli_main
 from vision_attn.data import ImageDataModule
 from vision_attn.data.images import load_image_files, read_boxes
+from vision_attn.data.pixels import to_uint8_array
 from vision_attn.explain import attention_rollout, deletion_auc, explain, gradient_rollout, token_pool_weights
 from vision_attn.training import ImageClassifier
+from vision_attn.training.callbacks import PredictionWriter
+from vision_attn.training.runs import claim_run_folder, find_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = str(ROOT / "configs" / "default.yaml")
@@ -137,7 +140,7 @@ API_CASES = {
     "empty image folder": (
         lambda m, t: ImageDataModule(name="image_folder", data_dir=str(_mkdir(t / "empty"))),
         FileNotFoundError,
-        r"Couldn't find any class folder in .*empty",
+        r"data_dir '.*empty' holds no class folders; expected <class>/<image> folders",
     ),
     "val_fraction 1": (lambda m, t: ImageDataModule(val_fraction=1.0), ValueError, r"val_fraction must be in \[0, 1\)"),
     "batch_size 0": (lambda m, t: ImageDataModule(batch_size=0), ValueError, r"batch_size must be positive, got 0"),
@@ -251,6 +254,48 @@ API_CASES = {
         ValueError,
         r"--boxes file '.*b.json' is not readable JSON",
     ),
+    # --- training runs and data (issue 11, "train")
+    "empty class folder": (
+        lambda m, t: ImageDataModule(name="image_folder", data_dir=str(_empty_class(t)), img_size=8).setup(),
+        ValueError,
+        r"data_dir '.*classes': class folder\(s\) \['dog'\] hold no readable images; every class folder needs",
+    ),
+    "val class unknown to train": (
+        lambda m, t: ImageDataModule(name="image_folder", data_dir=str(_extra_test_class(t)), img_size=8).setup(),
+        ValueError,
+        r"class folder\(s\) \['wolf'\] that the train split does not have",
+    ),
+    "test_fraction 1": (lambda m, t: ImageDataModule(test_fraction=1.0), ValueError, r"test_fraction must be in"),
+    "eval_batch_size 0": (
+        lambda m, t: ImageDataModule(eval_batch_size=0),
+        ValueError,
+        r"eval_batch_size must be positive \(or null: batch_size\), got 0",
+    ),
+    "batch_size above the training set": (
+        lambda m, t: ImageDataModule(batch_size=5000, num_workers=0).setup("fit"),
+        ValueError,
+        r"batch_size 5000 is larger than the 3600 training images .*lower data.batch_size",
+    ),
+    "run_dir under a file": (
+        lambda m, t: claim_run_folder(_write(t / "f", b"") / "runs"),
+        ValueError,
+        r"run_dir '.*f/runs' is not a writable folder",
+    ),
+    "ckpt_path last without runs": (
+        lambda m, t: find_checkpoint(t, "last", resumable=True),
+        ValueError,
+        r"--ckpt_path last: no resumable checkpoint under '.*version_\*/checkpoints'",
+    ),
+    "predictions file in a folder": (
+        lambda m, t: PredictionWriter("out/p.csv"),
+        ValueError,
+        r"predictions.filename must be a plain file name, got 'out/p.csv'",
+    ),
+    "float image array": (
+        lambda m, t: to_uint8_array(torch.zeros(4, 4).numpy(), 3),
+        TypeError,
+        r"image arrays must be uint8 or uint16, got dtype float32",
+    ),
 }
 
 
@@ -281,6 +326,35 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
+def _png(path: Path) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(path)
+    return path
+
+
+def _empty_class(tmp: Path) -> Path:
+    """An image folder whose class ``dog`` holds no image."""
+    _png(tmp / "classes" / "cat" / "0.png")
+    (tmp / "classes" / "dog").mkdir()
+    return tmp / "classes"
+
+
+def _extra_test_class(tmp: Path) -> Path:
+    for split, name in (("train", "cat"), ("train", "dog"), ("test", "cat"), ("test", "wolf")):
+        for i in range(2):
+            _png(tmp / "split" / split / name / f"{i}.png")
+    return tmp / "split"
+
+
+def _truncated_checkpoint(tmp: Path) -> Path:
+    path = tmp / "cut.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}, "global_step": 1}, path)
+    path.write_bytes(path.read_bytes()[:300])
+    return path
+
+
 def _pickled(path: Path) -> Path:
     torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": Payload()}, path, pickle_module=pickle)
     return path
@@ -299,7 +373,7 @@ def _nan_images() -> torch.Tensor:
 
 
 def test_table_is_large_enough():
-    assert len(API_CASES) + len(CLI_CASES) >= 30
+    assert len(API_CASES) + len(CLI_CASES) >= 80  # issue 11
 
 
 @pytest.mark.parametrize("case", API_CASES, ids=list(API_CASES))
@@ -375,12 +449,75 @@ CLI_CASES = {
         ["explain", "--model", "resnet10t", "--images", "IMG", "--out", "OUT", "--method", "rollout", "attention"],
         r"no method applies to any model: resnet10t:rollout: .*no token-attention modules",
     ),
+    # --- training runs and data (issue 11, "train"); every run_dir is under the test's tmp_path
+    "unwritable run_dir": (
+        ["fit", "--config", DEFAULT, "--run_dir=IMG/runs"],
+        r"run_dir '.*img.png/runs' is not a writable folder",
+    ),
+    "unwritable export folder": (
+        ["fit", "--config", DEFAULT, "--run_dir=OUT", "--export.dirpath=IMG/export"],
+        r"export.dirpath '.*img.png/export' is not a writable folder",
+    ),
+    "negative max_epochs": (
+        ["fit", "--config", DEFAULT, "--run_dir=OUT", "--trainer.max_epochs=-5"],
+        r"trainer.max_epochs must be >= 1 \(or -1: no epoch limit, .*\), got -5",
+    ),
+    "max_epochs 0": (["fit", "--config", DEFAULT, "--run_dir=OUT", "--trainer.max_epochs=0"], r"max_epochs .* got 0$"),
+    "max_steps 0": (["fit", "--config", DEFAULT, "--run_dir=OUT", "--trainer.max_steps=0"], r"max_steps must be >= 1"),
+    "run without end": (
+        ["fit", "--config", DEFAULT, "--run_dir=OUT", "--trainer.max_epochs=-1", "--trainer.max_time=null"],
+        r"max_epochs -1 \(no epoch limit\) needs trainer.max_steps or trainer.max_time",
+    ),
+    "limit_train_batches 0": (
+        ["fit", "--config", DEFAULT, "--run_dir=OUT", "--trainer.limit_train_batches=0"],
+        r"trainer.limit_train_batches must be > 0 .*got 0",
+    ),
+    "batch_size 0 in config": (
+        ["fit", "--config", DEFAULT, "--run_dir=OUT", "--data.batch_size=0"],
+        r"batch_size must be positive, got 0",
+    ),
+    "batch_size above the data": (
+        ["fit", "--config", DEFAULT, "--run_dir=OUT", "--trainer.logger=false", "--data.batch_size=5000"],
+        r"batch_size 5000 is larger than the 3600 training images",
+    ),
+    "empty class folder in config": (
+        lambda t: [
+            *("fit", "--config", DEFAULT, "--run_dir=OUT", "--trainer.logger=false", "--data.name=image_folder"),
+            *(f"--data.data_dir={_empty_class(t)}", "--data.img_size=32"),
+        ],
+        r"class folder\(s\) \['dog'\] hold no readable images",
+    ),
+    "ckpt_path last without a run": (
+        ["fit", "--config", DEFAULT, "--run_dir=OUT", "--ckpt_path=last"],
+        r"--ckpt_path last: no resumable checkpoint under .*start a new run without --ckpt_path",
+    ),
+    "ckpt_path best without a run": (
+        ["test", "--config", DEFAULT, "--run_dir=OUT", "--ckpt_path=best"],
+        r"--ckpt_path best: no best checkpoint under .*val_fraction > 0",
+    ),
+    "ckpt_path missing": (
+        ["fit", "--config", DEFAULT, "--run_dir=OUT", "--ckpt_path=OUT/nope.ckpt"],
+        r"ckpt_path '.*nope.ckpt' does not exist",
+    ),
+    "ckpt_path truncated": (
+        lambda t: ["test", "--config", DEFAULT, "--run_dir=OUT", f"--ckpt_path={_truncated_checkpoint(t)}"],
+        r"ckpt_path '.*cut.ckpt' is not a readable Lightning checkpoint",
+    ),
+    "checkpoint.dirpath given": (
+        ["fit", "--config", DEFAULT, "--run_dir=OUT", "--checkpoint.dirpath=OUT/ckpt"],
+        r"checkpoint.dirpath '.*ckpt' cannot be set: every run writes into its own <run_dir>/version_K/",
+    ),
+    "limit_train_batches below one batch": (
+        ["fit", "--config", DEFAULT, "--run_dir=OUT", "--trainer.logger=false", "--trainer.limit_train_batches=0.001"],
+        r"You requested to check 0.001 of the `train_dataloader`",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", CLI_CASES, ids=list(CLI_CASES))
 def test_cli_bad_input_exits_2_without_traceback(case, tmp_path, capsys, monkeypatch):
     argv, pattern = CLI_CASES[case]
+    argv = argv(tmp_path) if callable(argv) else argv  # a case that needs files made first
     image = tmp_path / "img.png"
     torch.manual_seed(0)
     from PIL import Image

@@ -58,15 +58,14 @@ def test_fit_selects_on_val_and_tests_once_at_the_end(tmp_path: Path, monkeypatc
         "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1",
         "--data.batch_size=8", "--data.eval_batch_size=8", "--model.warmup_epochs=0", "--trainer.logger=false",
         "--trainer.enable_progress_bar=false", "--overlays.every_n_epochs=0",
-        f"--trainer.default_root_dir={tmp_path}", f"--checkpoint.dirpath={tmp_path / 'ckpt'}",
-        f"--export.dirpath={tmp_path / 'export'}",
+        f"--run_dir={tmp_path}",
     ]  # fmt: skip
     assert main(args) == 0
     end = events.index("fit_end")
     assert "train" in events[:end]
     assert "test" not in events[:end], "the test split was read during fit"
     assert events[end + 1 :] == ["test"] * 8, "fit did not end with one test pass (limit_test_batches=1 batch of 8)"
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((tmp_path / "version_0" / "summary.json").read_text())
     assert summary["test"]["checkpoint"] == summary["best_model_path"]
     assert Path(summary["best_model_path"]).is_file()
     assert 0.0 <= summary["test"]["metrics"]["test/acc1"] <= 1.0
@@ -76,8 +75,7 @@ def test_test_after_fit_can_be_turned_off(tmp_path: Path) -> None:
     args = [
         "fit", "--config", str(REPO / "configs" / "default.yaml"), "--trainer.fast_dev_run=1",
         "--data.batch_size=4", "--data.eval_batch_size=4", "--trainer.enable_progress_bar=false",
-        "--overlays.every_n_epochs=0", "--test_after_fit=false", f"--trainer.default_root_dir={tmp_path}",
-        f"--checkpoint.dirpath={tmp_path / 'ckpt'}", f"--export.dirpath={tmp_path / 'export'}",
+        "--overlays.every_n_epochs=0", "--test_after_fit=false", f"--run_dir={tmp_path}",
     ]  # fmt: skip
     assert main(args) == 0
-    assert "test" not in json.loads((tmp_path / "summary.json").read_text())
+    assert "test" not in json.loads((tmp_path / "version_0" / "summary.json").read_text())

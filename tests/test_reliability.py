@@ -133,7 +133,8 @@ def test_image_datamodule_fails_before_training_or_skips_on_request(tmp_path):
                               bad_images="skip", val_fraction=0.0)  # fmt: skip
     with pytest.warns(UserWarning, match=r"skipping 3 unreadable file\(s\)"):
         lenient.setup()
-    assert len(lenient.train_set) == 8
+    assert len(lenient.train_set) + len(lenient.test_set) == 8  # no test/ folder: 1 image held out as the test split
+    assert len(lenient.train_set) == 7
     for images, _ in lenient.train_dataloader():  # a whole epoch reads without error
         assert images.shape[1:] == (3, 32, 32)
     assert str(bad["truncated"]) not in {path for path, _ in lenient.train_set.base.samples}

@@ -3,15 +3,14 @@ with exactly the weights of an unbroken run, and two runs with one seed give the
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import run_env, saved_step, signal_when
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 24
@@ -23,26 +22,14 @@ def train_command(out: Path, *extra: str) -> list[str]:
         "--data.batch_size=16", "--data.eval_batch_size=100", "--data.num_workers=0",
         f"--trainer.limit_train_batches={STEPS_PER_EPOCH}", "--trainer.limit_val_batches=2",
         "--trainer.max_epochs=2", "--trainer.max_time=null", "--trainer.logger=false",
-        f"--trainer.default_root_dir={out}",
-        f"--checkpoint.dirpath={out}/checkpoints", f"--export.dirpath={out}/export",
+        f"--run_dir={out}",
         "--step_checkpoint.every_n_train_steps=2", "--overlays.every_n_epochs=0", *extra,
     ]  # fmt: skip
 
 
-def run_env() -> dict[str, str]:
-    return {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
 def train(out: Path, *extra: str) -> dict:
     subprocess.run(train_command(out, *extra), check=True, env=run_env(), cwd=out.parent, capture_output=True)
-    return torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
-
-
-def saved_step(path: Path) -> int:
-    try:
-        return int(torch.load(path, weights_only=True)["global_step"])
-    except (FileNotFoundError, RuntimeError, EOFError, KeyError):
-        return -1  # not written yet, or being replaced right now
+    return torch.load(out / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
 
 
 def assert_same_run(a: dict, b: dict) -> None:
@@ -70,24 +57,12 @@ def test_same_seed_same_metrics(unbroken, tmp_path):
 
 def test_sigkill_mid_epoch_then_resume_matches_unbroken_run(unbroken, tmp_path):
     out = tmp_path / "run"
-    last = out / "checkpoints" / "last.ckpt"
+    last = out / "version_0" / "checkpoints" / "last.ckpt"
     target = STEPS_PER_EPOCH + 6  # inside the second epoch, after its first step checkpoints
     process = subprocess.Popen(
         train_command(out), env=run_env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    try:
-        deadline = time.monotonic() + 300
-        while saved_step(last) < target:
-            if process.poll() is not None:
-                pytest.fail(f"training ended (code {process.returncode}) before step {target} could be interrupted")
-            if time.monotonic() > deadline:
-                pytest.fail("training did not reach the step to interrupt within 300 s")
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    signal_when(process, lambda: saved_step(last) >= target, signal.SIGKILL)
     assert process.returncode == -signal.SIGKILL
     killed_at = saved_step(last)
     assert STEPS_PER_EPOCH < killed_at < 2 * STEPS_PER_EPOCH, "the kill must land mid-epoch"

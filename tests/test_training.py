@@ -29,11 +29,16 @@ def _tiny(tmp_path: Path) -> list[str]:
         "--data.eval_batch_size=4",
         "--trainer.accelerator=cpu",
         "--trainer.devices=1",
-        f"--trainer.default_root_dir={tmp_path}",
-        f"--checkpoint.dirpath={tmp_path / 'checkpoints'}",
-        f"--export.dirpath={tmp_path / 'export'}",
+        f"--run_dir={tmp_path}",
         "--overlays.num_images=2",
     ]
+
+
+def run_folder(run_dir: Path, version: int = 0) -> Path:
+    """``run_dir/version_<version>``, checked to exist."""
+    folder = run_dir / f"version_{version}"
+    assert folder.is_dir(), sorted(p.name for p in run_dir.iterdir())
+    return folder
 
 
 def test_configs_are_complete() -> None:
@@ -41,8 +46,9 @@ def test_configs_are_complete() -> None:
     assert {"default", "finetune_vit_imagefolder"} | CIFAR_CONFIGS <= names
     for path in CONFIGS:
         config = yaml.safe_load(path.read_text())
-        assert {"model", "data", "trainer", "checkpoint"} <= set(config), path.name
-        assert config["checkpoint"]["dirpath"].startswith("runs/"), path.name
+        assert {"model", "data", "trainer"} <= set(config), path.name
+        assert config["run_dir"] == f"runs/{config['run_dir'].split('/')[-1]}", path.name
+        assert "logger" not in config["trainer"], f"{path.name}: the CLI points the loggers at the run folder"
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
@@ -50,15 +56,18 @@ def test_config_fast_dev_run(config: Path, tmp_path: Path, request: pytest.Fixtu
     args = ["fit", "--config", str(config), "--trainer.fast_dev_run=1", *_tiny(tmp_path)]
     if config.stem in CIFAR_CONFIGS or config.stem.startswith("finetune"):
         folder = request.getfixturevalue("cifar_folder")  # a few CIFAR-10 JPEG classes, never the network
-        args += ["--data.name=image_folder", f"--data.data_dir={folder}", "--data.download=false", "--data.img_size=32"]
+        args += ["--data.name=image_folder", f"--data.data_dir={folder}"]  # download: true stays (nothing to fetch)
     if config.stem.startswith("finetune"):
         args += ["--model.pretrained=false", "--data.img_size=64", "--model.model_args={}"]  # no download, small
     assert main(args) == 0
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    run = run_folder(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["global_step"] == 1
     assert torch.isfinite(torch.tensor(summary["metrics"]["val/loss"]))
-    assert list((tmp_path / "attention").glob("*.png")), "the overlay callback wrote no PNG"
-    assert (tmp_path / "export" / "model.safetensors").is_file()
+    assert list((run / "attention").glob("*.png")), "the overlay callback wrote no PNG"
+    meta = json.loads((run / "export" / "model.json").read_text())
+    if config.stem in CIFAR_CONFIGS:  # 32 px from the config, not image_folder's 224, with no --data.img_size
+        assert meta["img_size"] == 32
 
 
 def test_fit_resume_export_and_reload(tmp_path: Path) -> None:
@@ -70,14 +79,15 @@ def test_fit_resume_export_and_reload(tmp_path: Path) -> None:
         "--model.ema_decay=0.9", "--model.mixup_alpha=0.2", "--model.cutmix_alpha=1.0",
     ]  # fmt: skip
     assert main([*base, "--trainer.max_epochs=1"]) == 0
-    last = tmp_path / "checkpoints" / "last.ckpt"
+    last = run_folder(tmp_path) / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 3
     # resume: the step count continues (3 -> 6) and only the new epoch's 3 batches are trained
     assert main([*base, "--trainer.max_epochs=2", "--ckpt_path=last"]) == 0
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 6
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((run_folder(tmp_path) / "summary.json").read_text())
     assert summary["global_step"] == 6
+    assert not (tmp_path / "version_1").exists(), "the resumed run did not continue in its own folder"
     assert summary["train_images"] == 3 * 4
     assert summary["train_images_per_second"] > 0
     # export: the EMA network reloads outside Lightning with identical outputs
@@ -92,7 +102,7 @@ def test_fit_resume_export_and_reload(tmp_path: Path) -> None:
     x = torch.randn(2, 1, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model(x), module(x))
-    assert (tmp_path / "export" / "model.json").is_file()  # the ExportBackbone callback's own export
+    assert (run_folder(tmp_path) / "export" / "model.json").is_file()  # the ExportBackbone callback's own export
 
 
 @pytest.mark.parametrize(
@@ -151,7 +161,8 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     ]  # fmt: skip
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert not (tmp_path / "version_1").exists(), "the second process claimed a run folder of its own"
+    ckpt = torch.load(run_folder(tmp_path) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2  # 2 batches per process, gradients averaged across the 2 processes
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((run_folder(tmp_path) / "summary.json").read_text())
     assert summary["train_images_per_second"] > 0

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
-from torchvision.datasets.folder import find_classes
 
 from vision_attn.data.datasets import TransformedDataset, build_dataset, dataset_info
+from vision_attn.data.image_folder import LAYOUT, folder_classes, image_folder_splits
 from vision_attn.data.resumable import EpochSampler
 from vision_attn.data.transforms import build_eval_transform, build_train_transform
 from vision_attn.data.verify import BAD_IMAGE_POLICIES
@@ -27,6 +28,10 @@ class ImageDataModule(L.LightningDataModule):
     ``val_fraction`` of the train split (seeded by ``seed``) is held out for validation (model selection,
     early stopping); ``val_fraction=0`` means no validation at all. The test split is never used for validation:
     it is read only by ``test`` (which ``fit`` runs once, at its end).
+
+    An ``image_folder`` uses its ``val/`` and ``test/`` folders when it has both; with one of them, that one is the
+    test split; with neither, ``test_fraction`` of the train images (seeded) is held out as the test split first,
+    and validation is ``val_fraction`` of the rest — never the training images.
 
     ``img_size``/``in_chans``/``mean``/``std`` default to the dataset's; grey data with ``in_chans=3`` is
     repeated to RGB, RGB data with ``in_chans=1`` converted to luminance.
@@ -44,6 +49,7 @@ class ImageDataModule(L.LightningDataModule):
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
         val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
         batch_size: int = 128,
         eval_batch_size: int | None = None,
         num_workers: int = 2,
@@ -61,8 +67,12 @@ class ImageDataModule(L.LightningDataModule):
         info = dataset_info(name)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if not 0.0 < test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if eval_batch_size is not None and eval_batch_size <= 0:
+            raise ValueError(f"eval_batch_size must be positive (or null: batch_size), got {eval_batch_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if in_chans not in (None, 1, 3):
@@ -82,6 +92,7 @@ class ImageDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
         self.seed = seed
         self.bad_images = bad_images
         self.train_transform = build_train_transform(
@@ -110,37 +121,68 @@ class ImageDataModule(L.LightningDataModule):
         if self.data_dir is None:
             raise ValueError("data_dir is required for dataset 'image_folder'")
         root = Path(self.data_dir).expanduser()
-        root = root / "train" if (root / "train").is_dir() else root
         if not root.is_dir():
             raise FileNotFoundError(
-                f"dataset 'image_folder' not found: data_dir {str(root)!r} is not a folder; it must hold "
-                "<class>/<image> folders, optionally under train/ and val/ (or test/)"
+                f"dataset 'image_folder' not found: data_dir {str(root)!r} is not a folder; expected {LAYOUT}"
             )
-        return find_classes(str(root))[0]
+        return folder_classes(image_folder_splits(root)["train"] or root)
 
     def prepare_data(self) -> None:
-        """Download (if asked) on one process only."""
-        if self.download:
+        """Download (if asked) on one process only; datasets without a download (``image_folder``, the embedded
+        one) are not read here (``setup`` reads them once, with the ``bad_images`` policy)."""
+        if self.download and self.name not in ("image_folder", "cluttered_fashion_mnist"):
             for split in ("train", "test"):
                 build_dataset(self.name, self.data_dir, split, download=True)
 
+    def _splits(self) -> tuple[Dataset, Dataset | None, Dataset | None]:
+        """The raw (train, val, test) datasets; ``None`` for a split to hold out of the train images."""
+        read = dict(download=False, bad_images=self.bad_images)
+        train = build_dataset(self.name, self.data_dir, "train", **read)
+        if self.name != "image_folder":
+            return train, None, build_dataset(self.name, self.data_dir, "test", **read)
+        folders = image_folder_splits(Path(self.data_dir).expanduser())  # type: ignore[arg-type]
+        classes = list(train.classes)  # type: ignore[attr-defined]
+        val, test = (
+            build_dataset(self.name, self.data_dir, split, classes=classes, **read) if folders[split] else None
+            for split in ("val", "test")
+        )
+        return train, val, test
+
     def setup(self, stage: str | None = None) -> None:
-        """Build the datasets; the train/val split is the same for a given ``seed`` on every process."""
+        """Build the datasets; the held-out splits are the same for a given ``seed`` on every process."""
         if self.train_set is not None:
             return
-        train = build_dataset(self.name, self.data_dir, "train", download=False, bad_images=self.bad_images)
-        test = build_dataset(self.name, self.data_dir, "test", download=False, bad_images=self.bad_images)
+        train, val, test = self._splits()
         self.classes = list(getattr(train, "classes", []) or [str(i) for i in range(self.num_classes)])
         if len(self.classes) != self.num_classes:
             raise ValueError(f"dataset {self.name!r} has {len(self.classes)} classes, expected {self.num_classes}")
         self.hparams["class_names"] = list(self.classes)
         n = len(train)  # type: ignore[arg-type]
         order = np.random.default_rng(self.seed).permutation(n)
-        num_val = round(n * self.val_fraction)
-        train_idx, val_idx = np.sort(order[num_val:]), np.sort(order[:num_val])
+        test_idx = None
+        if test is None:  # no test images of its own: hold some train images out, never test on trained ones
+            num_test = max(1, round(n * self.test_fraction)) if n > 1 else 0
+            test_idx, order = np.sort(order[:num_test]), order[num_test:]
+            rank_zero_info(
+                f"{self.name} {self.data_dir}: no test/ (or val/) folder, so {num_test} of the {n} train images "
+                f"(test_fraction={self.test_fraction}, seed={self.seed}) are held out as the test split"
+            )
+        if val is None:
+            num_val = round(len(order) * self.val_fraction)
+            train_idx, val_idx = np.sort(order[num_val:]), np.sort(order[:num_val])
+            self.val_set = TransformedDataset(train, self.eval_transform, self.in_chans, val_idx) if num_val else None
+        else:
+            train_idx = np.sort(order)
+            self.val_set = TransformedDataset(val, self.eval_transform, self.in_chans)
+        if stage in (None, "fit") and len(train_idx) < self.batch_size:
+            raise ValueError(
+                f"batch_size {self.batch_size} is larger than the {len(train_idx)} training images of "
+                f"{self.name!r}: the last partial batch is dropped, so no training step would run; lower "
+                "data.batch_size"
+            )
         self.train_set = TransformedDataset(train, self.train_transform, self.in_chans, train_idx)
-        self.val_set = TransformedDataset(train, self.eval_transform, self.in_chans, val_idx) if num_val else None
-        self.test_set = TransformedDataset(test, self.eval_transform, self.in_chans)
+        self.test_set = TransformedDataset(test if test is not None else train, self.eval_transform, self.in_chans,
+                                           test_idx)  # fmt: skip
 
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:

@@ -5,19 +5,19 @@ cluttered Fashion-MNIST. Each has its class count, channels, native size and mea
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
 from vision_attn.data.cluttered import DEFAULT_ASSET, ClutteredFashionMNIST
-from vision_attn.data.verify import BadImagesError, check_image_files
+from vision_attn.data.image_folder import LAYOUT, ImageFolder, image_folder_splits
+from vision_attn.data.pixels import to_uint8_array
 
 __all__ = ["DATASETS", "DatasetInfo", "TransformedDataset", "build_dataset", "dataset_info", "list_datasets"]
 
@@ -57,16 +57,21 @@ def _cluttered(root: Path, split: str, download: bool) -> Dataset:
     return ClutteredFashionMNIST(split, path)
 
 
-def _image_folder(root: Path, split: str, download: bool, bad_images: str = "error") -> Dataset:
-    """``root/train`` + ``root/val`` (or ``root/test``) if present, else ``root`` itself for both splits.
+def _image_folder(
+    root: Path, split: str, download: bool, bad_images: str = "error", classes: Sequence[str] | None = None
+) -> Dataset:
+    """The ``split`` folder of ``root`` (see :func:`~vision_attn.data.image_folder.image_folder_splits`).
 
     Every file is decoded once first: unreadable ones raise (``bad_images='error'``) or are left out with a
     warning (``'skip'``), so a corrupt file never stops training mid-epoch.
     """
-    if (root / "train").is_dir():
-        sub = "train" if split == "train" else next((s for s in ("val", "test") if (root / s).is_dir()), "train")
-        root = root / sub
-    return tvd.ImageFolder(str(root), is_valid_file=check_image_files(root, bad_images))
+    folder = image_folder_splits(root)[split]
+    if folder is None:
+        raise ValueError(
+            f"data_dir {str(root)!r} has no {split} split (no {split}/ folder beside train/); ImageDataModule holds "
+            f"one out of the train images instead"
+        )
+    return ImageFolder(folder, bad_images, classes)
 
 
 _CLUTTERED_STATS = ((0.1198,), (0.2703,))  # from the shipped file's meta (see vision_attn.data.cluttered)
@@ -90,8 +95,7 @@ DATASETS: dict[str, DatasetInfo] = {
                                    _tv(tvd.OxfordIIITPet, _split_as("trainval", "test")), "oxford-iiit-pet/"),
     "imagenette": DatasetInfo(10, 3, 224, IMAGENET_MEAN, IMAGENET_STD,
                               _tv(tvd.Imagenette, _split_as("train", "val"), size="320px"), "imagenette2-320/"),
-    "image_folder": DatasetInfo(None, 3, 224, IMAGENET_MEAN, IMAGENET_STD, _image_folder,
-                                "<class>/<image> folders, optionally under train/ and val/ (or test/)"),
+    "image_folder": DatasetInfo(None, 3, 224, IMAGENET_MEAN, IMAGENET_STD, _image_folder, LAYOUT),
 }  # fmt: skip
 
 
@@ -108,16 +112,23 @@ def dataset_info(name: str) -> DatasetInfo:
 
 
 def build_dataset(
-    name: str, data_dir: str | os.PathLike | None, split: str, download: bool = False, bad_images: str = "error"
+    name: str,
+    data_dir: str | os.PathLike | None,
+    split: str,
+    download: bool = False,
+    bad_images: str = "error",
+    classes: Sequence[str] | None = None,
 ) -> Dataset:
-    """Return the raw ``split`` (``'train'``/``'test'``) of dataset ``name``: items ``(PIL image | uint8 array, int)``.
+    """Return the raw ``split`` (``'train'``/``'test'``; ``'val'`` for an ``image_folder`` with ``val/`` and
+    ``test/``) of dataset ``name``: items ``(PIL image | uint8 array, int)``.
 
     Missing files with ``download=False`` raise a ``FileNotFoundError`` naming the path and how to get the data.
-    ``bad_images`` (``'error'`` or ``'skip'``) is what an ``image_folder`` does with unreadable files.
+    ``bad_images`` (``'error'`` or ``'skip'``) is what an ``image_folder`` does with unreadable files; ``classes``
+    (the train split's) numbers the labels of its val/test folder.
     """
     info = dataset_info(name)
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if split not in ("train", "test") and not (split == "val" and name == "image_folder"):
+        raise ValueError(f"split must be 'train' or 'test' ('val' too for image_folder), got {split!r}")
     if data_dir is None:
         if name != "cluttered_fashion_mnist":
             raise ValueError(f"data_dir is required for dataset {name!r} (only the embedded dataset has a default)")
@@ -132,14 +143,12 @@ def build_dataset(
         f"dataset {name!r} not found under data_dir {str(root)!r} (download={download}); expected {info.files} there; "
         + how
     )
-    if name == "image_folder" and not root.is_dir():
-        raise missing
+    if name == "image_folder":
+        if not root.is_dir():
+            raise missing
+        return _image_folder(root, split, download, bad_images, classes)  # its errors name the folder and the fix
     try:
-        if name == "image_folder":
-            return _image_folder(root, split, download, bad_images)
         return info.build(root, split, download)
-    except BadImagesError:
-        raise
     except (RuntimeError, FileNotFoundError) as err:
         if download:
             raise
@@ -171,17 +180,7 @@ class TransformedDataset(Dataset):
         return len(self.indices) if self.indices is not None else len(self.base)  # type: ignore[arg-type]
 
     def _to_array(self, image: Any) -> np.ndarray:
-        if isinstance(image, Image.Image):
-            image = image.convert("L" if self.in_chans == 1 else "RGB")
-        array = np.asarray(image, dtype=np.uint8)
-        if array.ndim == 2:
-            array = array[:, :, None]
-        if array.shape[2] != self.in_chans:
-            if self.in_chans == 3:
-                array = np.repeat(array[:, :, :1], 3, axis=2)
-            else:
-                array = np.asarray(Image.fromarray(array[:, :, :3]).convert("L"))[:, :, None]
-        return array
+        return to_uint8_array(image, self.in_chans)
 
     def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         """``index`` or ``(index, augmentation_seed)`` (from :class:`~vision_attn.data.resumable.EpochSampler`):

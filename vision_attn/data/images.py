@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vision_attn.data.pixels import to_uint8_array
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "channel_stats",
@@ -113,10 +115,8 @@ def _normalize(batch: torch.Tensor, mean: Sequence[float] | None, std: Sequence[
 
 def _to_tensor(image: Image.Image, in_chans: int, size: tuple[int, int] | None) -> torch.Tensor:
     """A PIL image as float ``[in_chans, H, W]`` in [0, 1], resized (bilinear) to ``size`` ``(H, W)``."""
-    if image.mode.startswith("I;16") or image.mode == "I":  # 16-bit greyscale: scale to 8 bits, not clip
-        array = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(array / 257.0, 0, 255).round().astype(np.uint8), mode="L")
-    image = image.convert("L" if in_chans == 1 else "RGB")
+    array = to_uint8_array(image, in_chans)  # 16-bit greyscale is scaled to 8 bits, not clipped
+    image = Image.fromarray(array[:, :, 0] if in_chans == 1 else array)
     if size is not None and image.size != (size[1], size[0]):
         image = image.resize((size[1], size[0]), Image.BILINEAR)
     array = np.asarray(image, dtype=np.float32) / 255.0

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["BAD_IMAGE_POLICIES", "BadImagesError", "check_image_files", "find_bad_images"]
+__all__ = ["BAD_IMAGE_POLICIES", "BadImagesError", "check_image_files", "find_bad_images", "walk_files"]
 
 BAD_IMAGE_POLICIES = ("error", "skip")
 
@@ -28,21 +29,51 @@ def _image_problem(path: Path) -> str | None:
     return None
 
 
+def walk_files(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield every non-hidden file under ``folder`` (sorted by folder, then name), following symbolic links except
+    those that point back to a folder the walk is inside (a loop), and entering each real folder once: a link
+    loop neither hangs the walk nor repeats files."""
+    seen: set[tuple[int, int]] = set()
+    pending = deque([Path(folder)])  # breadth first, names sorted: which of two links to one folder wins is fixed
+    found: list[tuple[str, str, Path]] = []
+    while pending:
+        current = pending.popleft()
+        try:
+            info = current.stat()
+            entries = sorted(os.scandir(current), key=lambda entry: entry.name)
+        except OSError:  # a dangling link or an unreadable folder holds nothing we can read
+            continue
+        if (info.st_dev, info.st_ino) in seen:
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        real = os.path.realpath(current)
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir():  # follows links
+                    target = os.path.realpath(entry.path)
+                    if entry.is_symlink() and (real + os.sep).startswith(target.rstrip(os.sep) + os.sep):
+                        continue  # a link to this folder or one above it: a loop
+                    pending.append(Path(entry.path))
+                elif entry.is_file():
+                    found.append((str(current), entry.name, Path(entry.path)))
+            except OSError:
+                continue
+    yield from (path for _, _, path in sorted(found))
+
+
 def find_bad_images(root: str | os.PathLike) -> list[tuple[str, str]]:
     """Return ``(path, reason)`` for every file under the class folders of ``root`` that is not a readable image.
 
-    Hidden files (``.DS_Store``, ...) are ignored; any other file counts, whatever its extension.
+    Hidden files and folders (``.DS_Store``, ...) are ignored; any other file counts, whatever its extension.
     """
     bad = []
     for class_dir in sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for dirpath, _, filenames in sorted(os.walk(class_dir, followlinks=True)):
-            for filename in sorted(filenames):
-                if filename.startswith("."):
-                    continue
-                path = Path(dirpath) / filename
-                problem = _image_problem(path)
-                if problem is not None:
-                    bad.append((str(path), problem))
+        for path in walk_files(class_dir):
+            problem = _image_problem(path)
+            if problem is not None:
+                bad.append((str(path), problem))
     return bad
 
 

@@ -1,6 +1,6 @@
 """Lightning training: the classification recipe, callbacks, export and the LightningCLI entry point."""
 
-from vision_attn.training.callbacks import AttentionOverlays, ExportBackbone, TrainSummary
+from vision_attn.training.callbacks import AttentionOverlays, ExportBackbone, PredictionWriter, RunGuard, TrainSummary
 from vision_attn.training.export import export_checkpoint, export_model
 from vision_attn.training.module import ImageClassifier, build_network
 
@@ -8,6 +8,8 @@ __all__ = [
     "AttentionOverlays",
     "ExportBackbone",
     "ImageClassifier",
+    "PredictionWriter",
+    "RunGuard",
     "TrainSummary",
     "build_network",
     "export_checkpoint",

@@ -1,22 +1,29 @@
-"""Side work during training, on rank zero only: attention overlays, export, a final summary with throughput."""
+"""Side work during training (files written on rank zero only): attention overlays, export, a final summary with
+throughput, prediction CSVs, and the guard that makes failures (no training step, SIGTERM) visible."""
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from vision_attn._io import atomic_open, atomic_write_text
+from vision_attn._io import atomic_open, atomic_write_text, check_writable_dir
 from vision_attn.training.export import export_checkpoint, export_model
 
-__all__ = ["AttentionOverlays", "ExportBackbone", "TrainSummary"]
+__all__ = ["AttentionOverlays", "ExportBackbone", "PredictionWriter", "RunGuard", "TrainSummary"]
 
 
 def _log_dir(trainer: L.Trainer) -> Path:
@@ -150,10 +157,20 @@ class ExportBackbone(_LogDirCallback):
         self.use_best = use_best
         self.path: Path | None = None
 
+    def _out_dir(self, trainer: L.Trainer) -> Path:
+        return Path(self.dirpath) if self.dirpath else (self.log_dir or Path(trainer.default_root_dir)) / "export"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Resolve the log folder and, for ``fit``, fail now (not after training) if the export folder is not
+        writable."""
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and trainer.is_global_zero:
+            check_writable_dir(self._out_dir(trainer), "export.dirpath")
+
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Write the export files."""
-        out = Path(self.dirpath) if self.dirpath else (self.log_dir or Path(trainer.default_root_dir)) / "export"
+        out = self._out_dir(trainer)
         target = out / f"{self.filename}.safetensors"
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") if self.use_best else ""
         if best and Path(best).is_file():
@@ -256,3 +273,115 @@ class TrainSummary(_LogDirCallback):
     def _write(self, trainer: L.Trainer) -> None:
         path = (self.log_dir or Path(trainer.default_root_dir)) / "summary.json"
         atomic_write_text(path, json.dumps(self._summary, indent=2) + "\n")
+
+
+class RunGuard(L.Callback):
+    """Failures are failures, not quiet successes.
+
+    * A ``fit`` that made no training step (e.g. ``batch_size`` larger than the training set with ``drop_last``,
+      ``limit_train_batches`` rounding to 0 batches) raises a ``ValueError`` at its end, before the export writes
+      untrained weights (place this callback before :class:`ExportBackbone`).
+    * On SIGTERM, Lightning stops after the current step; this callback then saves a resumable ``last.ckpt`` in
+      the checkpoint folder (``--ckpt_path last`` continues from it) and lets the exit be a failure.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sigterm_checkpoint: str | None = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Raise when the fit made no optimizer step."""
+        if trainer.global_step == 0:
+            raise ValueError(
+                f"fit made no training step ({trainer.num_training_batches} training batches per epoch, "
+                f"trainer.max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps}, "
+                f"limit_train_batches={trainer.limit_train_batches}); nothing was trained or exported. Check "
+                "data.batch_size against the number of training images (the last partial batch is dropped)"
+            )
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Save ``last.ckpt`` when a fit is stopped by SIGTERM."""
+        callback = trainer.checkpoint_callback
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
+            return
+        if callback is None or not getattr(callback, "dirpath", None):
+            return
+        path = os.path.join(callback.dirpath, f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}")
+        trainer.save_checkpoint(path)  # every rank takes part; rank zero writes
+        self.sigterm_checkpoint = path
+        if trainer.is_global_zero:
+            print(f"SIGTERM: saved a resumable checkpoint at step {trainer.global_step} to {path}")
+
+
+class PredictionWriter(BasePredictionWriter):
+    """During ``predict``, write one CSV row per image to ``<log_dir>/<filename>`` (atomically): ``index`` (in the
+    predicted dataset), ``path`` (for image-folder data), ``label`` (predicted class), ``probability`` (of that
+    class) and ``true_label`` when the data have labels. With several processes each writes its own
+    ``<stem>.rank<R>.csv``."""
+
+    def __init__(self, filename: str = "predictions.csv") -> None:
+        super().__init__(write_interval="epoch")
+        if not filename or Path(filename).name != filename:
+            raise ValueError(f"predictions.filename must be a plain file name, got {filename!r}")
+        self.filename = filename
+        self.path: Path | None = None
+        self._log_dir: Path | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Resolve the log folder on every rank (``trainer.log_dir`` is a collective under DDP)."""
+        super().setup(trainer, pl_module, stage)
+        if stage == "predict":
+            self._log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+            check_writable_dir(self._log_dir, "predictions folder")
+
+    def write_on_epoch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        predictions: Sequence[Any],
+        batch_indices: Sequence[Any],
+    ) -> None:
+        """Write the CSV of all batches predicted by this process."""
+        loader = trainer.predict_dataloaders
+        dataset = getattr(loader, "dataset", None)
+        classes = getattr(trainer.datamodule, "classes", None) if trainer.datamodule is not None else None
+        if len(batch_indices) > 1:
+            raise ValueError(f"PredictionWriter writes one predict dataloader, got {len(batch_indices)}")
+        per_batch = list(batch_indices[0]) if batch_indices else []  # one list of dataset indices per batch
+        per_batch += [None] * (len(predictions) - len(per_batch))
+        rows = []
+        position = 0
+        for batch, indices in zip(predictions, per_batch, strict=True):
+            count = len(batch["preds"])
+            indices = list(indices) if indices else list(range(position, position + count))
+            position += count
+            for row, index in enumerate(indices):
+                pred = int(batch["preds"][row])
+                item = {"index": index, "path": _sample_path(dataset, index), "label": _name(classes, pred),
+                        "probability": f"{float(batch['probs'][row, pred]):.6f}"}  # fmt: skip
+                if "targets" in batch:
+                    item["true_label"] = _name(classes, int(batch["targets"][row]))
+                rows.append(item)
+        columns = [c for c in ("index", "path", "label", "probability", "true_label") if rows and c in rows[0]]
+        columns = [c for c in columns if rows[0][c] is not None]
+        stem = Path(self.filename).stem
+        name = self.filename if trainer.world_size == 1 else f"{stem}.rank{trainer.global_rank}.csv"
+        self.path = (self._log_dir or Path(trainer.default_root_dir)) / name
+        with atomic_open(self.path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {len(rows)} predictions to {self.path}")
+
+
+def _name(classes: Sequence[str] | None, index: int) -> str:
+    return str(classes[index]) if classes and 0 <= index < len(classes) else str(index)
+
+
+def _sample_path(dataset: Any, index: int) -> str | None:
+    """The file behind item ``index`` of a (subset of an) image-folder dataset, else ``None``."""
+    base, indices = getattr(dataset, "base", dataset), getattr(dataset, "indices", None)
+    samples = getattr(base, "samples", None)
+    if samples is None:
+        return None
+    return str(samples[int(indices[index]) if indices is not None else index][0])

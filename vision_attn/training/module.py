@@ -23,8 +23,11 @@ import vision_attn
 
 __all__ = ["ImageClassifier", "build_network"]
 
-# parameter names that never get weight decay, besides every 1-D parameter (norms, biases)
-NO_DECAY_NAMES = frozenset({"pos_embed", "cls_token", "reg_token", "dist_token"})
+# parameter names (the last part of the dotted name, at any depth) that never get weight decay, besides every 1-D
+# parameter (norms, biases): position embeddings, special tokens and LSA's learned softmax temperature
+NO_DECAY_NAMES = frozenset({"pos_embed", "cls_token", "reg_token", "dist_token", "log_temperature"})
+# hyper-parameters that decide the network's weights: a resumed or evaluated checkpoint must agree on them
+NETWORK_HPARAMS = ("model", "model_args", "ema_decay")
 
 
 def build_network(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
@@ -128,6 +131,8 @@ class ImageClassifier(L.LightningModule):
             )  # fmt: skip
         self.ema = ModelEmaV3(self.net, decay=ema_decay) if ema_decay is not None else None
         self._schedule_steps: tuple[int, int] | None = None  # (warmup, total) optimizer steps, from on_train_start
+        self._ema_step = -1  # the optimizer step the EMA weights last followed
+        self._changed_hparams: dict[str, tuple[Any, Any]] = {}  # resumed with other values: name -> (checkpoint, now)
         if self.ema is not None:
             self.ema.requires_grad_(False)  # updated by copying, never by the optimizer (and invisible to DDP)
 
@@ -217,8 +222,9 @@ class ImageClassifier(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Update the EMA weights after each optimizer step."""
-        if self.ema is not None:
+        """Update the EMA weights once per optimizer step (not per micro-batch under gradient accumulation)."""
+        if self.ema is not None and self.global_step != self._ema_step:
+            self._ema_step = self.global_step
             self.ema.update(self.net, step=self.global_step)
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
@@ -252,10 +258,12 @@ class ImageClassifier(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW over two parameter groups (decay / no decay) with a per-step warmup + cosine ``LambdaLR``."""
         hp = self.hparams
-        no_decay = set(NO_DECAY_NAMES)
+        no_decay = {name for name, _ in self.net.named_parameters() if name.rsplit(".", 1)[-1] in NO_DECAY_NAMES}
         if hasattr(self.net, "no_weight_decay"):
             no_decay |= set(self.net.no_weight_decay())
         groups = param_groups_weight_decay(self.net, hp.weight_decay, no_weight_decay_list=no_decay)
+        for group, decays in zip(groups, (False, True), strict=True):  # timm's order: (no decay, decay)
+            group["apply_weight_decay"] = decays  # saved with the optimizer: a resume can set a new weight_decay
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
 
         if hp.schedule == "time" and self._timer() is None:
@@ -286,9 +294,19 @@ class ImageClassifier(L.LightningModule):
         return self.hparams.min_lr_ratio + (1 - self.hparams.min_lr_ratio) * cosine
 
     def on_train_start(self) -> None:
-        """Fix the schedule's step counts (rejecting a warmup longer than the run) and set the current LR."""
+        """Fix the schedule's step counts (rejecting a warmup longer than the run) and set the optimizer's values
+        from the hyper-parameters: a run resumed with ``--model.lr`` (``weight_decay``, ``betas``) uses the given
+        value, not the one saved in the checkpoint's optimizer state."""
         trainer, hp = self.trainer, self.hparams
-        total_steps = max(1, int(trainer.estimated_stepping_batches))
+        self._ema_step = self.global_step
+        estimated = trainer.estimated_stepping_batches
+        if not math.isfinite(estimated) and hp.schedule == "steps":
+            raise ValueError(
+                f"trainer.max_epochs={trainer.max_epochs} with max_steps={trainer.max_steps} gives a run without end, "
+                "but schedule='steps' needs its length: set trainer.max_epochs >= 1 or trainer.max_steps >= 1 (or "
+                "model.schedule=time with trainer.max_time)"
+            )
+        total_steps = max(1, int(estimated)) if math.isfinite(estimated) else 2**62
         steps_per_epoch = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
         warmup_steps = round(hp.warmup_epochs * steps_per_epoch)
         if warmup_steps > total_steps:
@@ -301,8 +319,14 @@ class ImageClassifier(L.LightningModule):
         self._schedule_steps = (warmup_steps, total_steps)
         for config in trainer.lr_scheduler_configs:
             scheduler = config.scheduler
-            for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
-                group["lr"] = base_lr * self.lr_factor(scheduler.last_epoch)
+            scheduler.base_lrs = [float(hp.lr)] * len(scheduler.optimizer.param_groups)
+            for group in scheduler.optimizer.param_groups:
+                decays = group.get("apply_weight_decay", group["weight_decay"] > 0)
+                group.update(initial_lr=float(hp.lr), weight_decay=float(hp.weight_decay) if decays else 0.0,
+                             betas=tuple(hp.betas), lr=hp.lr * self.lr_factor(scheduler.last_epoch))  # fmt: skip
+        if self._changed_hparams and trainer.is_global_zero:
+            changes = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in self._changed_hparams.items())
+            print(f"resuming with the given model options instead of the checkpoint's: {changes}")
 
     def export_info(self) -> dict[str, Any]:
         """What rebuilds the network without Lightning: model name and args, and the data's stats and classes."""
@@ -321,24 +345,73 @@ class ImageClassifier(L.LightningModule):
         checkpoint["rng_states"] = _rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the random states saved by :meth:`on_save_checkpoint` (when resuming a fit)."""
+        """Check that the checkpoint's weights fit this network and restore the random states saved by
+        :meth:`on_save_checkpoint`.
+
+        Values given on the command line or in the config win over the checkpoint's: the network is built from
+        them, and the optimizer's (``lr``, ``weight_decay``, ``betas``) are set in :meth:`on_train_start`. A network
+        value (``model``, ``model_args``, EMA on/off) whose weights do not fit the checkpoint's is a ``ValueError``
+        naming both values.
+        """
+        saved = checkpoint.get("hyper_parameters") or {}
+        self._changed_hparams = {
+            key: (saved[key], value)
+            for key, value in self.hparams.items()
+            if key in saved and _plain(saved[key]) != _plain(value)
+        }
+        self._check_weights_fit(checkpoint.get("state_dict") or {})
         if "rng_states" in checkpoint:
             _set_rng_states(checkpoint["rng_states"])
 
+    def _check_weights_fit(self, saved: dict[str, torch.Tensor]) -> None:
+        own = self.state_dict()
+        missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
+        resized = [k for k in own.keys() & saved.keys() if tuple(own[k].shape) != tuple(saved[k].shape)]
+        if not (missing or unexpected or resized):
+            return
+        details = "; ".join(
+            f"{what} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+            for what, keys in (("missing", missing), ("unexpected", unexpected), ("other shape", sorted(resized)))
+            if keys
+        )
+        network = {k: v for k, v in self._changed_hparams.items() if k in NETWORK_HPARAMS}
+        given = "; ".join(f"model.{k} {new!r} given, the checkpoint has {old!r}" for k, (old, new) in network.items())
+        raise ValueError(
+            f"the checkpoint's weights do not fit the network built from the config/command line "
+            f"({given or 'same model options; the checkpoint is from another network'}): {details}. Drop the "
+            "contradicting --model.* options (or use the checkpoint's config) to load this checkpoint"
+        )
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tuples as lists (YAML and checkpoints store ``betas`` either way)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
 
 def _rng_states() -> dict[str, Any]:
-    """torch, numpy and Python random states as tensors and plain types (loadable with ``weights_only=True``)."""
+    """torch (CPU and every CUDA device), numpy and Python random states as tensors and plain types (loadable with
+    ``weights_only=True``)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss = random.getstate()
-    return {
+    states = {
         "torch": torch.get_rng_state(),
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
         "python": [version, list(internal), gauss],
     }
+    if torch.cuda.is_available():
+        states["cuda"] = list(torch.cuda.get_rng_state_all())
+    return states
 
 
 def _set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
+    if states.get("cuda") and torch.cuda.is_available():
+        for device, state in enumerate(states["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, device)
     kind, keys, pos, has_gauss, cached = states["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss = states["python"]
