@@ -77,10 +77,7 @@ def pipeline_seconds(epochs: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         args = [
             "fit", "--config", str(CONFIG), f"--trainer.max_epochs={epochs}", "--test_after_fit=false",
-            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp}",
-            f"--checkpoint.dirpath={tmp}/checkpoints", f"--export.dirpath={tmp}/export",
-            "--trainer.logger+=lightning.pytorch.loggers.TensorBoardLogger", f"--trainer.logger.save_dir={tmp}",
-            "--trainer.logger+=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp}",
+            "--trainer.enable_progress_bar=false", f"--run_dir={tmp}",
         ]  # fmt: skip
         if train_main(args) != 0:
             raise RuntimeError("train.py fit failed")
