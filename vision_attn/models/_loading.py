@@ -162,6 +162,9 @@ def load_trained(
     weights = read_weights(path, use_ema=use_ema, name="path")
     model = build_from_weights(weights, model_name, model_args, resample_weights=resample_weights)
     meta = weights.meta
+    names, num_classes = meta.get("class_names"), getattr(model, "num_classes", None)
+    if names is not None and isinstance(num_classes, int) and num_classes > 0 and len(names) != num_classes:
+        raise ValueError(f"{str(weights.path)!r}: metadata has {len(names)} class_names for num_classes={num_classes}")
     cfg = getattr(model, "pretrained_cfg", None) or {}
     info: dict[str, Any] = {
         "model_name": meta.get("model_name") or model_name,

@@ -63,10 +63,11 @@ def _sniff(path: Path) -> str:
         head = f.read(9)
     if head[:4] == b"PK\x03\x04":
         return "zip"
+    # safetensors: a little-endian u64 header length, then the JSON header (its first byte may look like pickle's)
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size - 8:
+        return "safetensors"
     if head[:1] == b"\x80":
         return "pickle"
-    if len(head) == 9 and head[8:9] == b"{":
-        return "safetensors"
     return "unknown"
 
 
@@ -135,7 +136,8 @@ def _read_safetensors(path: Path, name: str) -> tuple[dict[str, torch.Tensor], d
 
 def _read_torch(path: Path, use_ema: bool, name: str) -> TrainedWeights:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+        with open(path, "rb") as f:  # a file object: torch.load would pick a reader by the file's suffix
+            obj = torch.load(f, map_location="cpu", weights_only=True)  # never unpickles code
     except pickle.UnpicklingError as err:
         raise UnsafeFileError(
             f"{name} {str(path)!r} is not a readable PyTorch or safetensors file: it holds Python objects other "
