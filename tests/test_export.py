@@ -5,7 +5,9 @@ we write, and ``fit`` ends with the timm/HF folder."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -128,10 +130,26 @@ def test_export_cli_from_training_checkpoint_writes_every_format(tmp_path, capsy
         torch.testing.assert_close(torch.from_numpy(out_np), expected[:3], atol=1e-4, rtol=0)
         assert "onnx: " in printed
         assert "matches eager PyTorch" in printed
+        run_readme_reuse_snippet(tmp_path, expected)
     # --no-ema exports the raw network
     assert cli_main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "raw"), "--no-ema"]) == 0
     raw, info = vision_attn.load_trained(tmp_path / "raw")
     torch.testing.assert_close(logits(raw, X), logits(net, X), atol=0, rtol=0)
+
+
+def run_readme_reuse_snippet(cwd: Path, expected: torch.Tensor) -> None:
+    """Run README's "Reuse elsewhere" Python block in ``cwd`` (which holds ``exported/``)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Reuse elsewhere", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    namespace: dict = {}
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load
+        patch.chdir(cwd)
+        exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["logits"].shape == (8, 3)
+    torch.testing.assert_close(logits(namespace["vit"].eval(), X), expected, atol=1e-5, rtol=0)  # plain timm
+    assert set(namespace["feats"]) == {"first_block", "final"}
 
 
 def test_export_cli_from_model_name_and_weights(tmp_path):

@@ -127,7 +127,7 @@ def load_model(
     has them. ``info`` holds ``name``, ``mean``, ``std``, ``input_size`` ``(H, W)`` and, where known,
     ``class_names``.
     """
-    from vision_attn.models._loading import _input_size, build_model, load_trained
+    from vision_attn.models._loading import build_model, load_trained, model_input_size
 
     if checkpoint is not None or weights is not None:
         source = checkpoint if checkpoint is not None else weights
@@ -140,7 +140,7 @@ def load_model(
     model = build_model(model_name, **dict(model_args or {})).eval()
     cfg = getattr(model, "pretrained_cfg", None) or {}
     info = {"name": model_name, "mean": cfg.get("mean"), "std": cfg.get("std")}
-    return model, {**info, "input_size": _input_size(model, {})[1:]}
+    return model, {**info, "input_size": model_input_size(model)[1:]}
 
 
 def _image_paths(paths: Sequence[str]) -> list[Path]:

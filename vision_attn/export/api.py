@@ -18,7 +18,7 @@ from vision_attn.export.programs import (
     write_onnx,
     write_torchscript,
 )
-from vision_attn.models._loading import load_trained
+from vision_attn.models._loading import load_trained, model_input_size
 
 __all__ = ["FORMATS", "ExportResult", "export_trained", "write_export"]
 
@@ -90,14 +90,12 @@ def _model_args(model: nn.Module, given: dict[str, Any]) -> dict[str, Any]:
 
 def _normalize_meta(model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
     """Metadata to store with the weights: model name/args, class names, mean/std and ``input_size`` (C, H, W)."""
-    from vision_attn.models._loading import _input_size
-
     meta = dict(meta)
     if "classes" in meta and "class_names" not in meta:
         meta["class_names"] = meta.pop("classes")
     meta.setdefault("model_name", (getattr(model, "pretrained_cfg", None) or {}).get("architecture"))
     meta["model_args"] = _model_args(model, dict(meta.get("model_args") or {}))
-    meta["input_size"] = list(_input_size(model, meta))
+    meta["input_size"] = list(model_input_size(model, meta))
     meta["num_classes"] = getattr(model, "num_classes", meta.get("num_classes"))
     cfg = getattr(model, "pretrained_cfg", None) or {}
     for key in ("mean", "std"):

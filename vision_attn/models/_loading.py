@@ -18,7 +18,7 @@ from torch import nn
 from vision_attn.models._registry import create_model, fit_state_dict, list_models
 from vision_attn.models._weights import TrainedWeights, read_weights
 
-__all__ = ["RUNTIME_ARGS", "build_from_weights", "build_model", "load_trained"]
+__all__ = ["RUNTIME_ARGS", "build_from_weights", "build_model", "load_trained", "model_input_size"]
 
 # arguments that change how a network runs, not which weights it has
 RUNTIME_ARGS = frozenset(
@@ -128,8 +128,9 @@ def build_from_weights(
     return fit_state_dict(model, weights.state_dict, where, resample_weights=resample_weights)
 
 
-def _input_size(model: nn.Module, meta: dict[str, Any]) -> tuple[int, int, int]:
-    """``(C, H, W)`` the model takes: its own img_size, else the metadata's, else its pretrained config's."""
+def model_input_size(model: nn.Module, meta: dict[str, Any] | None = None) -> tuple[int, int, int]:
+    """Return ``(C, H, W)`` the model takes: its own img_size, else the metadata's, else its pretrained config's."""
+    meta = meta or {}
     cfg_size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size") or (3, 224, 224))
     meta_size = meta.get("input_size")
     if isinstance(meta_size, (list, tuple)) and len(meta_size) == 3:
@@ -169,7 +170,7 @@ def load_trained(
     info: dict[str, Any] = {
         "model_name": meta.get("model_name") or model_name,
         "model_args": {**dict(meta.get("model_args") or {}), **dict(model_args or {})},
-        "input_size": _input_size(model, meta),
+        "input_size": model_input_size(model, meta),
         "mean": meta.get("mean") or cfg.get("mean"),
         "std": meta.get("std") or cfg.get("std"),
         "class_names": meta.get("class_names"),
