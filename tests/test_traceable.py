@@ -1,6 +1,6 @@
 """Every registered model scripts, FX-traces (with timm's leaf modules and autowrap functions, as timm's own tests
 do), ``torch.export``s with a dynamic batch axis and exports to ONNX run in onnxruntime, each matching eager within
-1e-4 (issue 12). ONNX export takes 5-120 s per model on 2 CPU cores: the default run exports five models; the rest
+1e-4 (issue 12). ONNX export takes 5-120 s per model on 2 CPU cores: the default run exports four models; the rest
 are marked ``slow``."""
 
 from __future__ import annotations
@@ -10,24 +10,19 @@ import io
 import warnings
 
 import pytest
+import timm
 import torch
-from test_models import MODEL_NAMES, build
+from test_models import MODEL_NAMES, build, small_kwargs
 from timm.layers import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import vision_attn
 
 ATOL = 1e-4
-# the default run exports one model per family of our own forward code: plain ViT, CCT (conv tokenizer + sequence
-# pooling), SPT + LSA, BoT and a re-implemented timm gate (non-local); the other registered models (incl. the
-# slowest, attention-augmented convs at 25-120 s) run with -m slow
-ONNX_DEFAULT = {
-    "va_vit_tiny_patch4_32",
-    "va_cct_2_3x2_32",
-    "va_vit_spt_lsa_tiny_patch4_32",
-    "va_resnet18_bot_32",
-    "va_resnet18_nonlocal_32",
-}
+# the default run exports one model per family of our own token-attention code (plain ViT, CCT with conv tokenizer
+# and sequence pooling, SPT + LSA) and BoT; the other 37 registered models (timm-based CNN gates, and the slowest,
+# attention-augmented convs at 25-120 s each on 2 busy cores) run with -m slow
+ONNX_DEFAULT = {"va_vit_tiny_patch4_32", "va_cct_2_3x2_32", "va_vit_spt_lsa_tiny_patch4_32", "va_resnet18_bot_32"}
 ONNX_PARAMS = [pytest.param(n, marks=() if n in ONNX_DEFAULT else pytest.mark.slow) for n in MODEL_NAMES]
 
 
@@ -96,6 +91,17 @@ def test_onnx_in_onnxruntime_matches_eager(name):
     check = other_batch(x)
     (out,) = session.run(None, {"images": check.numpy()})
     assert_matches(torch.from_numpy(out), eager(model, check))
+
+
+@pytest.mark.parametrize("name", ["va_vit_tiny_patch4_32", "va_resnet18_cbam_32"])
+def test_timm_fx_feature_extraction(name):
+    model, x = build(name)
+    features = timm.create_model(name, features_only=True, feature_cls="fx", out_indices=(0, 1), **small_kwargs(name))
+    outs = eager(features.eval(), x)
+    assert len(outs) == 2
+    assert all(torch.isfinite(o).all() for o in outs)
+    extractor = timm.models.create_feature_extractor(model.eval(), return_nodes=[get_graph_node_names(model)[1][-1]])
+    assert_matches(next(iter(eager(extractor, x).values())), eager(model, x))
 
 
 def test_tracing_keeps_eager_validation():

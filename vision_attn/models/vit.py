@@ -481,6 +481,7 @@ def _cfg(
         pool_size=None,
         crop_pct=1.0 if input_size[-1] <= 64 else 0.9,
         interpolation="bicubic",
+        fixed_input_size=True,  # unless built with dynamic_img_size=True (timm reads that from the model)
         first_conv="patch_embed.proj",
         classifier="head",
         license="apache-2.0",
