@@ -222,6 +222,11 @@ API_CASES = {
         ValueError,
         r"config.json' has no 'architecture' string naming the model",
     ),
+    "folder mixing two exports": (
+        lambda m, t: vision_attn.load_trained(_mixed_folder(m, t)),
+        ValueError,
+        r"config.json' says num_classes=10 but .*model.safetensors' was written for num_classes=3: the folder mixes",
+    ),
     "non-finite weights": (
         lambda m, t: vision_attn.load_trained(_nan_export(m, t)),
         ValueError,
@@ -230,7 +235,7 @@ API_CASES = {
     "class names for another head": (
         lambda m, t: vision_attn.load_trained(_export(m, t, class_names=["a", "b"])),
         ValueError,
-        r"metadata has 2 class_names for num_classes=10",
+        r"model.safetensors'.*2 class_names for num_classes=10",
     ),
     "export into another model's name": (
         lambda m, t: vision_attn.create_model("va_vit_small_patch4_32", checkpoint_path=_export(m, t)),
@@ -319,6 +324,16 @@ def _hub_without_architecture(model: torch.nn.Module, tmp: Path) -> Path:
     folder = _mkdir(tmp / "hub")
     _bare(model, folder / "model.safetensors")
     (folder / "config.json").write_text('{"num_classes": 10}')
+    return folder
+
+
+def _mixed_folder(model: torch.nn.Module, tmp: Path) -> Path:
+    """An export folder whose config.json belongs to another export than its weights."""
+    from vision_attn.export import write_export
+
+    folder = write_export(model, tmp / "export").folder
+    other = vision_attn.create_model("va_vit_tiny_patch4_32", depth=1, num_classes=3)
+    (write_export(other, tmp / "other").folder / "model.safetensors").replace(folder / "model.safetensors")
     return folder
 
 

@@ -204,7 +204,7 @@ while True:
 def test_sigkill_during_repeated_exports_never_leaves_a_mixed_folder(tmp_path):
     out = tmp_path / "export"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    for delay in (0.3, 0.7, 1.1):
+    for delay in (0.2, 0.9):
         proc = subprocess.Popen([sys.executable, "-c", KILL_LOOP, str(out)], stdout=subprocess.PIPE, env=env)
         assert proc.stdout.readline().strip() == b"ready"
         deadline = time.time() + 60

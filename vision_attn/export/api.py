@@ -18,7 +18,7 @@ from vision_attn.export.programs import (
     write_onnx,
     write_torchscript,
 )
-from vision_attn.models._loading import load_trained, model_input_size
+from vision_attn.models._loading import load_trained, model_input_size, recorded_model_args
 
 __all__ = ["FORMATS", "ExportResult", "export_trained", "write_export"]
 
@@ -65,36 +65,13 @@ def _check_out(out: Path, stem: str) -> None:
             )
 
 
-def _is_json(value: Any) -> bool:
-    if isinstance(value, (list, tuple)):
-        return all(_is_json(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_json(v) for k, v in value.items())
-    return isinstance(value, (str, int, float, bool)) or value is None
-
-
-def _model_args(model: nn.Module, given: dict[str, Any]) -> dict[str, Any]:
-    """The arguments that rebuild ``model``: ``given``, then what timm's factory recorded, then its current sizes."""
-    args = {**given, **(getattr(model, "_model_args", None) or {})}
-    for key in ("in_chans", "num_classes"):
-        if isinstance(getattr(model, key, None), int):
-            args[key] = getattr(model, key)
-    wrong = sorted(k for k, v in args.items() if not _is_json(v))
-    if wrong:
-        raise ValueError(
-            f"model arguments {wrong} are Python objects, which an export cannot store; build the model from "
-            "registered names and plain values (strings, numbers, lists) to export it"
-        )
-    return args
-
-
 def _normalize_meta(model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
     """Metadata to store with the weights: model name/args, class names, mean/std and ``input_size`` (C, H, W)."""
     meta = dict(meta)
     if "classes" in meta and "class_names" not in meta:
         meta["class_names"] = meta.pop("classes")
     meta.setdefault("model_name", (getattr(model, "pretrained_cfg", None) or {}).get("architecture"))
-    meta["model_args"] = _model_args(model, dict(meta.get("model_args") or {}))
+    meta["model_args"] = recorded_model_args(model, dict(meta.get("model_args") or {}))
     meta["input_size"] = list(model_input_size(model, meta))
     meta["num_classes"] = getattr(model, "num_classes", meta.get("num_classes"))
     cfg = getattr(model, "pretrained_cfg", None) or {}

@@ -18,7 +18,14 @@ from torch import nn
 from vision_attn.models._registry import create_model, fit_state_dict, list_models
 from vision_attn.models._weights import TrainedWeights, read_weights
 
-__all__ = ["RUNTIME_ARGS", "build_from_weights", "build_model", "load_trained", "model_input_size"]
+__all__ = [
+    "RUNTIME_ARGS",
+    "build_from_weights",
+    "build_model",
+    "load_trained",
+    "model_input_size",
+    "recorded_model_args",
+]
 
 # arguments that change how a network runs, not which weights it has
 RUNTIME_ARGS = frozenset(
@@ -126,6 +133,29 @@ def build_from_weights(
     args = _merge_args(weights, name, given, resample_weights)
     model = build_model(name, pretrained=pretrained, **args)
     return fit_state_dict(model, weights.state_dict, where, resample_weights=resample_weights)
+
+
+def _is_json(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_is_json(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_json(v) for k, v in value.items())
+    return isinstance(value, (str, int, float, bool)) or value is None
+
+
+def recorded_model_args(model: nn.Module, given: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The arguments that rebuild ``model``: ``given``, then what timm's factory recorded, then its current sizes."""
+    args = {**(given or {}), **(getattr(model, "_model_args", None) or {})}
+    for key in ("in_chans", "num_classes"):
+        if isinstance(getattr(model, key, None), int):
+            args[key] = getattr(model, key)
+    wrong = sorted(k for k, v in args.items() if not _is_json(v))
+    if wrong:
+        raise ValueError(
+            f"model arguments {wrong} are Python objects, which an export cannot store; build the model from "
+            "registered names and plain values (strings, numbers, lists) to export it"
+        )
+    return args
 
 
 def model_input_size(model: nn.Module, meta: dict[str, Any] | None = None) -> tuple[int, int, int]:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from vision_attn._io import atomic_write_text
+from vision_attn.models._loading import recorded_model_args
 from vision_attn.models._weights import read_weights, to_json, write_safetensors
 
 __all__ = ["export_checkpoint", "export_model"]
@@ -35,7 +36,10 @@ def export_model(
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors")
-    state = net.state_dict() if isinstance(net, nn.Module) else net
+    if isinstance(net, nn.Module):
+        model_args, state = recorded_model_args(net, model_args), net.state_dict()
+    else:
+        state = net
     meta = {"model_name": model_name, "model_args": dict(model_args or {}), **extra}
     write_safetensors(path, state, meta)
     atomic_write_text(path.with_suffix(".json"), to_json(meta))
