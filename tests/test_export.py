@@ -160,10 +160,20 @@ def test_export_cli_from_model_name_and_weights(tmp_path):
     assert cli_main(args) == 0
     loaded = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
     torch.testing.assert_close(logits(loaded, X), logits(model, X), atol=0, rtol=0)
-    # an export folder is a source too; exporting again replaces the folder as a whole
+    # an export folder is a source too: exported into itself, it gains a format and keeps the others
     assert cli_main(["export", "--checkpoint", str(tmp_path / "out"), "--out", str(tmp_path / "out"),
                      "--formats", "pt2"]) == 0  # fmt: skip
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.pt2"]
+    names = ["config.json", "model.json", "model.pt2", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == names
+    program = torch.export.load(str(tmp_path / "out" / "model.pt2")).module()
+    torch.testing.assert_close(logits(program, X), logits(model, X), atol=1e-4, rtol=0)
+    # into another folder, an export replaces it as a whole: no stale file of other weights survives
+    assert cli_main(["export", "--checkpoint", str(tmp_path / "out"), "--out", str(tmp_path / "pt2"),
+                     "--formats", "pt2"]) == 0  # fmt: skip
+    assert cli_main(["export", "--weights", str(tmp_path / "w.pth"), "--model", "va_vit_tiny_patch4_32",
+                     "--model-args", '{"depth": 1, "in_chans": 1, "num_classes": 3}', "--out", str(tmp_path / "pt2")]
+                    ) == 0  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "pt2").iterdir()) == ["config.json", "model.json", "model.safetensors"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "staging folders left behind"
 
 

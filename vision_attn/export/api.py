@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from vision_attn.export.programs import (
 )
 from vision_attn.models._loading import load_trained, model_input_size, recorded_model_args
 
-__all__ = ["FORMATS", "ExportResult", "export_trained", "write_export"]
+__all__ = ["FORMATS", "ExportResult", "check_out_folder", "export_trained", "write_export"]
 
 FORMATS = ("hub", "onnx", "torchscript", "pt2")
 FILE_NAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "pt2": "model.pt2"}
@@ -48,12 +49,18 @@ def _check_formats(formats: Any) -> tuple[str, ...]:
     return formats
 
 
+def _format_files(fmt: str, stem: str) -> tuple[str, ...]:
+    return ("config.json", f"{stem}.safetensors", f"{stem}.json") if fmt == "hub" else (FILE_NAMES[fmt],)
+
+
 def _known_names(stem: str) -> set[str]:
-    return {"config.json", f"{stem}.safetensors", f"{stem}.json", "README.md", *FILE_NAMES.values()}
+    return {"README.md", *(name for fmt in FORMATS for name in _format_files(fmt, stem))}
 
 
-def _check_out(out: Path, stem: str) -> None:
-    """Refuse to replace a folder that holds anything but a previous export (its files would be deleted)."""
+def check_out_folder(out: str | os.PathLike, stem: str = "model") -> None:
+    """Raise a ``ValueError`` unless ``out`` is new, empty or a previous export: an export replaces the whole folder,
+    so a folder holding anything else (whose files would be deleted) is refused."""
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out {str(out)!r} is a file; expected a folder for the export")
     if out.is_dir():
@@ -87,6 +94,7 @@ def write_export(
     formats: tuple[str, ...] | list[str] | str = ("hub",),
     meta: dict[str, Any] | None = None,
     stem: str = "model",
+    keep_other_formats: bool = False,
 ) -> ExportResult:
     """Write ``model`` in ``formats`` into the folder ``out``, replacing it in one atomic step; returns what was
     written (:class:`ExportResult`).
@@ -96,10 +104,12 @@ def write_export(
     ``hub``: ``config.json`` + ``<stem>.safetensors`` + ``<stem>.json``; ``onnx``: ``model.onnx``;
     ``torchscript``: ``model.torchscript.pt``; ``pt2``: ``model.pt2``. ONNX, TorchScript and ``.pt2`` are
     checked against eager outputs (ONNX in onnxruntime when installed) before the folder is replaced.
+    ``keep_other_formats=True`` carries over the files of other formats already in ``out`` (only right when they
+    hold the same weights, e.g. when ``out`` is where the model was loaded from).
     """
     formats = _check_formats(formats)
     out = Path(out)
-    _check_out(out, stem)
+    check_out_folder(out, stem)
     was_training = model.training
     model.eval()
     meta = _normalize_meta(model, meta or {})
@@ -108,6 +118,12 @@ def write_export(
     check = example_input(tuple(meta["input_size"]), batch=3, seed=1)  # another batch size: the axis is dynamic
     try:
         with atomic_dir(out) as staging:
+            if keep_other_formats and out.is_dir():
+                for fmt in set(FORMATS) - set(formats):
+                    for name in _format_files(fmt, stem):
+                        if (out / name).is_file():
+                            shutil.copy2(out / name, staging / name)
+                            result.files.setdefault(fmt, out / name)
             if "hub" in formats:
                 write_hub_files(model, staging, meta, stem)
                 result.files["hub"] = out / f"{stem}.safetensors"
@@ -141,13 +157,15 @@ def export_trained(
     """Load ``source`` with :func:`vision_attn.load_trained` (a ``train.py`` checkpoint, an export folder, a
     ``.safetensors`` with metadata, or bare weights with ``model_name``) and write it with :func:`write_export`.
 
-    Returns the :class:`ExportResult`. The metadata (class names, mean/std, input size) travels with it.
+    Returns the :class:`ExportResult`. The metadata (class names, mean/std, input size) travels with it. Exporting
+    a folder into itself adds formats: the files of the formats not asked for are kept.
     """
     formats = _check_formats(formats)
-    _check_out(Path(out), "model")
+    check_out_folder(out)
     model, info = load_trained(
         source, model_name=model_name, model_args=model_args, use_ema=use_ema, resample_weights=resample_weights
     )
     meta = {k: v for k, v in info.items() if k in META_KEYS}
     meta["source_checkpoint"] = info["path"]
-    return write_export(model, out, formats, meta)
+    same_folder = Path(out).resolve() in (Path(source).resolve(), Path(info["path"]).resolve().parent)
+    return write_export(model, out, formats, meta, keep_other_formats=same_folder)
