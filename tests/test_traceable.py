@@ -104,6 +104,24 @@ def test_timm_fx_feature_extraction(name):
     assert_matches(next(iter(eager(extractor, x).values())), eager(model, x))
 
 
+def test_dynamic_img_size_vit_traces_for_any_size():
+    """With ``dynamic_img_size`` the position table is resampled in the graph: other input sizes work traced too."""
+    torch.manual_seed(0)
+    model = vision_attn.create_model("va_vit_tiny_patch4_32", depth=1, dynamic_img_size=True).eval()
+    x, other = torch.randn(2, 3, 32, 32), torch.randn(3, 3, 48, 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(model)
+    dim = torch.export.Dim
+    grid_h, grid_w = dim("grid_h", min=2, max=64), dim("grid_w", min=2, max=64)
+    exported = torch.export.export(model, (x,), dynamic_shapes=({0: dim("batch"), 2: 4 * grid_h, 3: 4 * grid_w},))
+    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+    last = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)[1][-1]
+    fx = create_feature_extractor(model, return_nodes=[last], tracer_kwargs=tracer_kwargs)
+    for traced in (scripted, exported.module(), lambda t: next(iter(fx(t).values()))):
+        assert_matches(eager(traced, other), eager(model, other))
+
+
 def test_tracing_keeps_eager_validation():
     model = vision_attn.create_model("va_vit_tiny_patch4_32", depth=1).eval()
     with warnings.catch_warnings():

@@ -251,11 +251,12 @@ class VisionTransformer(nn.Module):
     def _resize_pos_embed(self, pos_embed: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
         """Return the position table for a ``gh x gw`` token grid (resampled or, for sin-cos, rebuilt)."""
         old_size = self.patch_embed.grid_size
-        if gh == old_size[0] and gw == old_size[1]:
-            return pos_embed
         if self.pos_embed_type == "sincos":
+            if gh == old_size[0] and gw == old_size[1]:
+                return pos_embed
             return self._sincos_table((gh, gw)).to(pos_embed)
         num_prefix_tokens = 0 if self.no_embed_class else self.num_prefix_tokens
+        # timm returns the table itself for the same size, except under torch.export (no size specialization)
         return resample_abs_pos_embed(pos_embed, [gh, gw], [old_size[0], old_size[1]], num_prefix_tokens)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
