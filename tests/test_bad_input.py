@@ -180,6 +180,11 @@ API_CASES = {
         ValueError,
         r"cut.ckpt' is not a readable PyTorch or safetensors file \(truncated or damaged\?\)",
     ),
+    "checkpoint without network weights": (
+        lambda m, t: vision_attn.load_trained(_saved(t / "opt.ckpt", {"state_dict": {}, "global_step": 3})),
+        ValueError,
+        r"opt.ckpt' is a Lightning checkpoint without network weights \('net.' keys\)",
+    ),
     "image renamed to checkpoint": (
         lambda m, t: vision_attn.load_trained(_write(t / "best.ckpt", b"\x89PNG\r\n\x1a\n0000")),
         ValueError,
@@ -327,6 +332,11 @@ def _hub_without_architecture(model: torch.nn.Module, tmp: Path) -> Path:
     return folder
 
 
+def _saved(path: Path, obj: dict) -> Path:
+    torch.save(obj, path)
+    return path
+
+
 def _mixed_folder(model: torch.nn.Module, tmp: Path) -> Path:
     """An export folder whose config.json belongs to another export than its weights."""
     from vision_attn.export import write_export
@@ -371,7 +381,7 @@ def _nan_images() -> torch.Tensor:
 
 
 def test_table_is_large_enough():
-    assert len(API_CASES) + len(CLI_CASES) >= 30
+    assert len(API_CASES) + len(CLI_CASES) >= 80
 
 
 @pytest.mark.parametrize("case", API_CASES, ids=list(API_CASES))

@@ -1,7 +1,11 @@
 """Input validation shared by models and explain functions: clear errors instead of shape asserts."""
 
 import torch
-from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+
+try:
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+except ImportError:  # torch < 2.5: only the flag that is also set by torch.export
+    from torch.fx._symbolic_trace import is_fx_tracing as is_fx_symbolic_tracing
 
 __all__ = ["check_images", "is_tracing", "to_2tuple_int"]
 
