@@ -296,6 +296,129 @@ API_CASES = {
         TypeError,
         r"image arrays must be uint8 or uint16, got dtype float32",
     ),
+    # --- loading and export (issue 11/12)
+    "empty safetensors": (
+        lambda m, t: vision_attn.load_trained(_write(t / "w.safetensors", b"")),
+        ValueError,
+        r"w.safetensors' is empty \(0 bytes\); expected a checkpoint or safetensors file",
+    ),
+    "truncated safetensors": (
+        lambda m, t: vision_attn.create_model("va_vit_tiny_patch4_32", checkpoint_path=_truncated(m, t, "safetensors")),
+        ValueError,
+        r"cut.safetensors' is not a complete safetensors file .*truncated",
+    ),
+    "empty checkpoint": (
+        lambda m, t: vision_attn.load_trained(_write(t / "last.ckpt", b"")),
+        ValueError,
+        r"last.ckpt' is empty \(0 bytes\)",
+    ),
+    "truncated checkpoint": (
+        lambda m, t: vision_attn.load_trained(_truncated(m, t, "ckpt")),
+        ValueError,
+        r"cut.ckpt' is not a readable PyTorch or safetensors file \(truncated or damaged\?\)",
+    ),
+    "checkpoint without network weights": (
+        lambda m, t: vision_attn.load_trained(_saved(t / "opt.ckpt", {"state_dict": {}, "global_step": 3})),
+        ValueError,
+        r"opt.ckpt' is a Lightning checkpoint without network weights \('net.' keys\)",
+    ),
+    "image renamed to checkpoint": (
+        lambda m, t: vision_attn.load_trained(_write(t / "best.ckpt", b"\x89PNG\r\n\x1a\n0000")),
+        ValueError,
+        r"best.ckpt' is not a readable PyTorch or safetensors file \(it starts with b'\\x89PNG",
+    ),
+    "weights renamed away from model.json": (
+        lambda m, t: vision_attn.load_trained(_bare(m, t / "renamed.safetensors")),
+        ValueError,
+        r"renamed.safetensors' does not say which model .*give the model name",
+    ),
+    "missing trained weights": (
+        lambda m, t: vision_attn.load_trained(t / "runs" / "export"),
+        FileNotFoundError,
+        r"path '.*runs/export' does not exist",
+    ),
+    "folder without weights": (
+        lambda m, t: vision_attn.load_trained(_mkdir(t / "export")),
+        FileNotFoundError,
+        r"export' is a folder without weights; expected an export folder with model.safetensors",
+    ),
+    "model.json not JSON": (
+        lambda m, t: vision_attn.load_trained(_legacy_export(m, t, "{'model_name': 'x'}")),
+        ValueError,
+        r"model.json' is not valid JSON",
+    ),
+    "model.json wrong type": (
+        lambda m, t: vision_attn.load_trained(
+            _legacy_export(m, t, '{"model_name": "va_vit_tiny_patch4_32", "model_args": "depth=1"}')
+        ),
+        ValueError,
+        r"model.json'.*'model_args' must be an object of model keyword arguments, got 'depth=1'",
+    ),
+    "metadata names unknown model": (
+        lambda m, t: vision_attn.load_trained(_legacy_export(m, t, '{"model_name": "va_vit_tiny_patch4_23"}')),
+        ValueError,
+        r"names a model 'va_vit_tiny_patch4_23', which is neither|names a model 'va_vit_tiny_patch4_23'.*did you mean",
+    ),
+    "config.json without architecture": (
+        lambda m, t: vision_attn.load_trained(_hub_without_architecture(m, t)),
+        ValueError,
+        r"config.json' has no 'architecture' string naming the model",
+    ),
+    "folder mixing two exports": (
+        lambda m, t: vision_attn.load_trained(_mixed_folder(m, t)),
+        ValueError,
+        r"config.json' says num_classes=10 but .*model.safetensors' was written for num_classes=3: the folder mixes",
+    ),
+    "non-finite weights": (
+        lambda m, t: vision_attn.load_trained(_nan_export(m, t)),
+        ValueError,
+        r"nan.safetensors' holds non-finite \(NaN/Inf\) weights in 1 tensor\(s\): head.bias",
+    ),
+    "class names for another head": (
+        lambda m, t: vision_attn.load_trained(_export(m, t, class_names=["a", "b"])),
+        ValueError,
+        r"model.safetensors'.*2 class_names for num_classes=10",
+    ),
+    "export into another model's name": (
+        lambda m, t: vision_attn.create_model("va_vit_small_patch4_32", checkpoint_path=_export(m, t)),
+        ValueError,
+        r"holds weights of 'va_vit_tiny_patch4_32', not 'va_vit_small_patch4_32'",
+    ),
+    "model_args against the weights": (
+        lambda m, t: vision_attn.load_trained(_export(m, t), model_args={"embed_dim": 96}),
+        ValueError,
+        r"model_args embed_dim=96 contradicts .*model.safetensors', whose weights were trained with embed_dim=192",
+    ),
+    "depth against the weights": (
+        lambda m, t: vision_attn.load_trained(_export(m, t), model_args={"depth": 3}),
+        ValueError,
+        r"model_args depth=3 contradicts .* trained with depth=1",
+    ),
+    "bare weights without a model name": (
+        lambda m, t: vision_attn.load_trained(_bare(m, t / "w.safetensors")),
+        ValueError,
+        r"does not say which model its weights belong to",
+    ),
+    "patch-8 weights into a patch-4 model": (
+        lambda m, t: vision_attn.load_checkpoint(m, _bare(_patch8(), t / "p8.safetensors")),
+        ValueError,
+        r"patch_embed.proj.weight: file \(192, 3, 8, 8\) vs model \(192, 3, 4, 4\).*resample_weights=True",
+    ),
+    "export unknown format": (
+        lambda m, t: vision_attn.export_trained(_export(m, t), t / "out", formats=["tflite"]),
+        ValueError,
+        r"formats \['tflite'\] must be one or more of hub, onnx, torchscript, pt2",
+    ),
+    "export over a folder of other files": (
+        lambda m, t: vision_attn.export_trained(_export(m, t), _folder_with(t / "mine", "notes.txt")),
+        ValueError,
+        r"mine' holds files that are not an export \(notes.txt\).*new or empty folder",
+    ),
+    "export out is a file": (
+        lambda m, t: vision_attn.export_trained(_export(m, t), _write(t / "out.onnx", b"x")),
+        ValueError,
+        r"out.onnx' is a file; expected a folder",
+    ),
 }
 
 
@@ -353,6 +476,74 @@ def _truncated_checkpoint(tmp: Path) -> Path:
     torch.save({"state_dict": {"w": torch.zeros(1000)}, "global_step": 1}, path)
     path.write_bytes(path.read_bytes()[:300])
     return path
+
+
+def _truncated(model: torch.nn.Module, tmp: Path, kind: str) -> Path:
+    """Half of a real export (``safetensors``) or train.py checkpoint (``ckpt``), as an interrupted copy leaves it."""
+    if kind == "safetensors":
+        data = _export(model, tmp).read_bytes()
+    else:
+        torch.save({"state_dict": {f"net.{k}": v for k, v in model.state_dict().items()},
+                    "vision_attn": {"model_name": "va_vit_tiny_patch4_32", "model_args": {"depth": 1}}},
+                   tmp / "full.ckpt")  # fmt: skip
+        data = (tmp / "full.ckpt").read_bytes()
+    return _write(tmp / f"cut.{kind}", data[: len(data) // 2])
+
+
+def _export(model: torch.nn.Module, tmp: Path, **extra) -> Path:
+    from vision_attn.training import export_model
+
+    return export_model(model, tmp / "model.safetensors", "va_vit_tiny_patch4_32", {"depth": 1}, **extra)
+
+
+def _bare(model: torch.nn.Module, path: Path) -> Path:
+    save_file(model.state_dict(), str(path))
+    return path
+
+
+def _legacy_export(model: torch.nn.Module, tmp: Path, meta: str) -> Path:
+    folder = _mkdir(tmp / "export")
+    _bare(model, folder / "model.safetensors")
+    (folder / "model.json").write_text(meta)
+    return folder
+
+
+def _hub_without_architecture(model: torch.nn.Module, tmp: Path) -> Path:
+    folder = _mkdir(tmp / "hub")
+    _bare(model, folder / "model.safetensors")
+    (folder / "config.json").write_text('{"num_classes": 10}')
+    return folder
+
+
+def _saved(path: Path, obj: dict) -> Path:
+    torch.save(obj, path)
+    return path
+
+
+def _mixed_folder(model: torch.nn.Module, tmp: Path) -> Path:
+    """An export folder whose config.json belongs to another export than its weights."""
+    from vision_attn.export import write_export
+
+    folder = write_export(model, tmp / "export").folder
+    other = vision_attn.create_model("va_vit_tiny_patch4_32", depth=1, num_classes=3)
+    (write_export(other, tmp / "other").folder / "model.safetensors").replace(folder / "model.safetensors")
+    return folder
+
+
+def _nan_export(model: torch.nn.Module, tmp: Path) -> Path:
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["head.bias"][3] = float("inf")
+    return _export(state, tmp).rename(tmp / "nan.safetensors")
+
+
+def _folder_with(folder: Path, name: str) -> Path:
+    _mkdir(folder)
+    (folder / name).write_text("keep me")
+    return folder
+
+
+def _patch8() -> torch.nn.Module:
+    return vision_attn.create_model("va_vit_tiny_patch8_64", depth=1)
 
 
 def _pickled(path: Path) -> Path:
@@ -510,6 +701,62 @@ CLI_CASES = {
     "limit_train_batches below one batch": (
         ["fit", "--config", DEFAULT, "--run_dir=OUT", "--trainer.logger=false", "--trainer.limit_train_batches=0.001"],
         r"You requested to check 0.001 of the `train_dataloader`",
+    ),
+    # --- loading and export (issue 11/12)
+    "export without a source": (["export", "--out", "OUT"], r"give exactly one of --checkpoint PATH or --weights"),
+    "export missing checkpoint": (
+        ["export", "--checkpoint", "no/such.ckpt", "--out", "OUT"],
+        r"--checkpoint 'no/such.ckpt' does not exist",
+    ),
+    "export empty checkpoint": (
+        ["export", "--checkpoint", "vision_attn/py.typed", "--out", "OUT"],
+        r"is empty \(0 bytes\)",
+    ),
+    "export text file as checkpoint": (
+        ["export", "--checkpoint", "README.md", "--out", "OUT"],
+        r"README.md' is not a readable PyTorch or safetensors file \(it starts with b'# vision",
+    ),
+    "export folder without weights": (
+        ["export", "--checkpoint", "configs", "--out", "OUT"],
+        r"configs' is a folder without weights",
+    ),
+    "export unknown format": (
+        ["export", "--checkpoint", "README.md", "--out", "OUT", "--formats", "hub", "keras"],
+        r"--formats \['keras'\] unknown; expected one or more of hub, onnx, torchscript, pt2",
+    ),
+    "export model-args not JSON": (
+        [
+            "export",
+            "--model",
+            "va_vit_tiny_patch4_32",
+            "--weights",
+            "README.md",
+            "--model-args",
+            "{depth}",
+            "--out",
+            "O",
+        ],
+        r"--model-args '\{depth\}' is not JSON",
+    ),
+    "export model with checkpoint": (
+        ["export", "--checkpoint", "README.md", "--model", "va_vit_tiny_patch4_32", "--out", "OUT"],
+        r"--model goes with --weights",
+    ),
+    "export unwritable out": (
+        ["export", "--checkpoint", "README.md", "--out", "/proc/vision_attn/out"],
+        r"--out '/proc/vision_attn/out' cannot be written: .*'/proc/vision_attn' is not a writable folder",
+    ),
+    "export out over other files": (
+        ["export", "--checkpoint", "README.md", "--out", "configs"],
+        r"out 'configs' holds files that are not an export \(cct_cifar10.yaml",
+    ),
+    "explain empty checkpoint": (
+        ["explain", "--checkpoint", "vision_attn/py.typed", "--images", "IMG", "--out", "OUT"],
+        r"py.typed' is empty \(0 bytes\)",
+    ),
+    "explain text file as checkpoint": (
+        ["explain", "--checkpoint", "README.md", "--images", "IMG", "--out", "OUT"],
+        r"README.md' is not a readable PyTorch or safetensors file",
     ),
 }
 

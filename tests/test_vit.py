@@ -85,9 +85,12 @@ def test_pretrained_cfgs_point_at_timm_weights():
 def test_checkpoint_filter_resamples_pos_embed_for_new_img_size(tmp_path):
     torch.manual_seed(0)
     src = vision_attn.create_model("va_vit_tiny_patch4_32", depth=1).eval()
-    save_file(src.state_dict(), str(tmp_path / "w.safetensors"))
+    path = tmp_path / "w.safetensors"
+    save_file(src.state_dict(), str(path))
+    with pytest.raises(ValueError, match=r"pos_embed: file \(1, 65, 192\) vs model \(1, 145, 192\).*resample_weights"):
+        vision_attn.create_model("va_vit_tiny_patch4_32", depth=1, img_size=48, checkpoint_path=path)
     big = vision_attn.create_model(
-        "va_vit_tiny_patch4_32", depth=1, img_size=48, checkpoint_path=tmp_path / "w.safetensors"
+        "va_vit_tiny_patch4_32", depth=1, img_size=48, checkpoint_path=path, resample_weights=True
     )
     assert big.pos_embed.shape == (1, 1 + 12 * 12, 192)
     expected = resample_abs_pos_embed(src.pos_embed.detach(), new_size=(12, 12), num_prefix_tokens=1)

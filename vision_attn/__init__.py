@@ -1,7 +1,9 @@
 """vision_attn: attention for computer vision (timm-compatible ViTs, attention CNNs, training, attention maps)."""
 
 from vision_attn import models  # noqa: F401  (registers every model with timm)
+from vision_attn.export import export_trained
+from vision_attn.models._loading import load_trained
 from vision_attn.models._registry import create_model, list_models, load_checkpoint
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "create_model", "list_models", "load_checkpoint"]
+__all__ = ["__version__", "create_model", "export_trained", "list_models", "load_checkpoint", "load_trained"]

@@ -1,4 +1,4 @@
-"""``vision-attn`` console script: ``fit|validate|test|predict`` (LightningCLI) and ``explain``."""
+"""``vision-attn`` console script: ``fit|validate|test|predict`` (LightningCLI), ``explain`` and ``export``."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import os
 import pickle
 import sys
 
-USAGE = """usage: vision-attn {fit,validate,test,predict,explain,models} ...
+USAGE = """usage: vision-attn {fit,validate,test,predict,explain,export,models} ...
 
   fit|validate|test|predict   train / evaluate with LightningCLI (same as python train.py ...)
   explain                     write attention-map overlays and scores for images
+  export                      write a trained model as a timm/HF folder, ONNX, TorchScript or .pt2
   models                      list the registered model names
 """
 
@@ -46,6 +47,10 @@ def _dispatch(argv: list[str]) -> int:
         from vision_attn.explain.cli import main as explain_main
 
         return explain_main(rest)
+    if command == "export":
+        from vision_attn.export.cli import main as export_main
+
+        return export_main(rest)
     if command in ("fit", "validate", "test", "predict"):
         from vision_attn.training.cli import main as train_main
 

@@ -155,112 +155,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser  # fmt: skip
 
 
-def _find_model_name(hparams: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
-    """Find ``(model_name, model_args)`` in Lightning hyper-parameters (flat or nested under a model key)."""
-    for key in ("model_name", "model", "backbone", "arch"):
-        value = hparams.get(key)
-        if isinstance(value, str):
-            args = hparams.get("model_args") or hparams.get("model_kwargs") or {}
-            return value, dict(args)
-        if isinstance(value, dict):
-            name, args = _find_model_name(value)
-            if name is not None:
-                return name, args
-    init = hparams.get("init_args")
-    return _find_model_name(init) if isinstance(init, dict) else (None, {})
-
-
-def _strip_prefix(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    own = set(model.state_dict())
-    for prefix in ("ema.module.", "net.", "model.", "backbone.", "module.", ""):
-        stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        if stripped and own <= set(stripped):
-            return {k: v for k, v in stripped.items() if k in own}
-    raise ValueError(
-        f"the checkpoint's state_dict does not hold the weights of {type(model).__name__} "
-        f"(first keys: {list(state)[:5]})"
-    )
-
-
-def _build(name: str, **kwargs: Any) -> nn.Module:
-    import timm
-
-    import vision_attn
-
-    if name in vision_attn.list_models():
-        return vision_attn.create_model(name, **kwargs)
-    if not timm.is_model(name):
-        raise ValueError(f"model {name!r} is neither a vision_attn model nor a timm model (timm.list_models())")
-    return timm.create_model(name, **kwargs)
-
-
 def load_model(
     checkpoint: str | os.PathLike | None = None,
     model_name: str | None = None,
     weights: str | os.PathLike | None = None,
     model_args: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Build a model in eval mode from a train.py checkpoint or a model name; returns ``(model, info)``.
+    """Build a model in eval mode from trained weights or a model name; returns ``(model, info)``.
 
-    Checkpoints from ``train.py`` use the EMA weights when they have them (as the export does). ``info`` holds
-    ``name`` and, where the checkpoint or the model's pretrained config says, ``mean``, ``std``,
-    ``input_size``, ``class_names`` and ``img_size`` (the size the checkpoint was trained at).
+    ``checkpoint`` (a train.py checkpoint, an export folder, a ``.safetensors`` with metadata) or ``weights`` (for
+    ``model_name``) are read by :func:`vision_attn.load_trained`, which uses a checkpoint's EMA weights when it
+    has them. ``info`` holds ``name``, ``mean``, ``std``, ``input_size`` ``(H, W)`` and, where known,
+    ``class_names``.
     """
-    import vision_attn
+    from vision_attn.models._loading import build_model, load_trained, model_input_size
 
-    model_args = dict(model_args or {})
-    info: dict[str, Any] = {}
-    if checkpoint is not None:
-        path = os.fspath(checkpoint)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint {path!r} does not exist or is not a file")
-        if path.endswith(".safetensors"):
-            meta_path = os.path.splitext(path)[0] + ".json"
-            meta = json.loads(Path(meta_path).read_text()) if os.path.isfile(meta_path) else {}
-            name = meta.get("model_name") or meta.get("model")
-            if not isinstance(name, str):
-                raise ValueError(f"{meta_path!r} must exist and name the model ('model_name') for {path!r}")
-            model = vision_attn.create_model(name, checkpoint_path=path, **model_args)
-            info.update({k: meta[k] for k in ("mean", "std", "class_names", "img_size") if k in meta})
-        else:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain types only
-            if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-                raise ValueError(f"checkpoint {path!r} is not a Lightning checkpoint (no 'state_dict')")
-            saved = ckpt.get("vision_attn")  # written by train.py: model name/args, data stats and classes
-            if isinstance(saved, dict) and isinstance(saved.get("model_name"), str):
-                name, args = saved["model_name"], dict(saved.get("model_args") or {})
-                data = dict(saved)
-            else:
-                hparams = dict(ckpt.get("hyper_parameters") or {})
-                name, args = _find_model_name(hparams)
-                if name is None:
-                    raise ValueError(f"checkpoint {path!r} names no model (keys {sorted(ckpt)})")
-                data = {**hparams, **dict(ckpt.get("datamodule_hyper_parameters") or {})}
-            model = _build(name, **{**args, **model_args})
-            model.load_state_dict(_strip_prefix(ckpt["state_dict"], model))
-            if "classes" in data and "class_names" not in data:
-                data["class_names"] = data["classes"]
-            info.update({k: data[k] for k in ("mean", "std", "class_names", "img_size") if data.get(k) is not None})
-        info["name"] = name
-    elif model_name is not None:
-        if model_name in vision_attn.list_models():
-            model = vision_attn.create_model(model_name, checkpoint_path=weights, **model_args)
-        else:
-            model = _build(model_name, **model_args)
-            if weights is not None:
-                vision_attn.load_checkpoint(model, weights)
-        info["name"] = model_name
-    else:
+    if checkpoint is not None or weights is not None:
+        source = checkpoint if checkpoint is not None else weights
+        name = None if checkpoint is not None else model_name
+        model, loaded = load_trained(source, model_name=name, model_args=model_args)
+        info = {k: loaded[k] for k in ("mean", "std", "class_names") if loaded.get(k) is not None}
+        return model, {**info, "name": loaded["model_name"], "input_size": tuple(loaded["input_size"][1:])}
+    if model_name is None:
         raise ValueError("give a --checkpoint PATH or a --model NAME")
+    model = build_model(model_name, **dict(model_args or {})).eval()
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    info.setdefault("mean", cfg.get("mean"))
-    info.setdefault("std", cfg.get("std"))
-    patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is not None and getattr(patch_embed, "img_size", None) is not None:
-        info["input_size"] = tuple(int(s) for s in patch_embed.img_size)
-    elif cfg.get("input_size"):
-        info["input_size"] = tuple(cfg["input_size"][-2:])
-    return model.eval(), info
+    info = {"name": model_name, "mean": cfg.get("mean"), "std": cfg.get("std")}
+    return model, {**info, "input_size": model_input_size(model)[1:]}
 
 
 def _method_options(method: str, chunk_index: int, target_layer: str | None) -> dict[str, Any]:

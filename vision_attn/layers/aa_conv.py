@@ -15,7 +15,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from vision_attn.layers.attention_tap import AttentionTap
-from vision_attn.layers.checks import to_2tuple_int
+from vision_attn.layers.checks import is_tracing, to_2tuple_int
 
 __all__ = ["AugmentedConv2d", "relative_logits_2d"]
 
@@ -33,10 +33,11 @@ def relative_logits_2d(
     batch, heads, num_tokens, dim = q.shape
     height, width = size
     max_h, max_w = (rel_height.shape[0] + 1) // 2, (rel_width.shape[0] + 1) // 2
-    if num_tokens != height * width:
-        raise ValueError(f"q has {num_tokens} tokens but size {height}x{width} has {height * width}")
-    if height > max_h or width > max_w:
-        raise ValueError(f"size {height}x{width} exceeds the relative position tables' {max_h}x{max_w}")
+    if torch.jit.is_scripting() or not is_tracing():  # traced graphs carry no value checks
+        if num_tokens != height * width:
+            raise ValueError(f"q has {num_tokens} tokens but size {height}x{width} has {height * width}")
+        if height > max_h or width > max_w:
+            raise ValueError(f"size {height}x{width} exceeds the relative position tables' {max_h}x{max_w}")
     rel_h = rel_height[max_h - height : max_h + height - 1]  # 2H-1, d: offsets -(H-1) .. H-1
     rel_w = rel_width[max_w - width : max_w + width - 1]  # 2W-1, d
     q = q.reshape(batch, heads, height, width, dim)
@@ -142,7 +143,7 @@ class AugmentedConv2d(nn.Module):
         if self.dv == 0:
             return self.conv(x)
         batch, _, height, width = x.shape
-        if height > self.feat_size[0] or width > self.feat_size[1]:
+        if (torch.jit.is_scripting() or not is_tracing()) and (height > self.feat_size[0] or width > self.feat_size[1]):
             raise ValueError(
                 f"x has spatial size {height}x{width}, larger than this AugmentedConv2d's feat_size "
                 f"{self.feat_size[0]}x{self.feat_size[1]} (the largest input its relative position tables cover); "

@@ -11,7 +11,7 @@ import torch
 from timm.layers.bottleneck_attn import BottleneckAttn
 
 from vision_attn.layers.attention_tap import AttentionTap
-from vision_attn.layers.checks import to_2tuple_int
+from vision_attn.layers.checks import is_tracing, to_2tuple_int
 
 __all__ = ["BotAttention"]
 
@@ -67,7 +67,7 @@ class BotAttention(BottleneckAttn):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return ``[B, dim_out, H/stride, W/stride]``; timm's forward with a size check and tapped probabilities."""
         batch, _, height, width = x.shape
-        if (height, width) != self.feat_size:
+        if (torch.jit.is_scripting() or not is_tracing()) and (height, width) != self.feat_size:
             raise ValueError(
                 f"x has feature size {height}x{width} but this BotAttention was built for feat_size "
                 f"{self.feat_size[0]}x{self.feat_size[1]} (fixed relative position tables); "

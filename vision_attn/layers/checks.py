@@ -1,10 +1,24 @@
 """Input validation shared by models and explain functions: clear errors instead of shape asserts."""
 
-from __future__ import annotations
-
 import torch
 
-__all__ = ["check_images", "to_2tuple_int"]
+try:
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+except ImportError:  # torch < 2.5: only the flag that is also set by torch.export
+    from torch.fx._symbolic_trace import is_fx_tracing as is_fx_symbolic_tracing
+
+__all__ = ["check_images", "is_tracing", "to_2tuple_int"]
+
+
+@torch.jit.unused  # callers test ``torch.jit.is_scripting()`` first, so TorchScript never calls it
+def is_tracing() -> bool:
+    """Return True while ``torch.fx`` symbolic tracing or ``torch.jit.trace`` runs.
+
+    Shape checks that need concrete values are skipped then (inside a traced graph they would be proxies); under
+    ``torch.jit.script`` the callers skip them statically with ``if not torch.jit.is_scripting()``. ``torch.export``
+    and ``torch.compile`` see concrete shapes, so the checks still run there (as guards, at no run-time cost).
+    """
+    return torch.jit.is_tracing() or is_fx_symbolic_tracing()
 
 
 def to_2tuple_int(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:

@@ -135,8 +135,13 @@ class ShiftedPatchEmbed(_PatchGrid):
         B, C, H, W = x.shape
         (ph, pw), (sh, sw) = self.patch_size, (self.patch_size[0] // 2, self.patch_size[1] // 2)
         padded = F.pad(x, (sw, sw, sh, sh))
-        shifts = [padded[..., dy : dy + H, dx : dx + W] for dy in (0, 2 * sh) for dx in (0, 2 * sw)]
-        x = torch.cat([x, *shifts], dim=1)  # B, 5C, H, W
+        shifts = [
+            padded[..., :H, :W],  # the four diagonal half-patch shifts
+            padded[..., :H, 2 * sw : 2 * sw + W],
+            padded[..., 2 * sh : 2 * sh + H, :W],
+            padded[..., 2 * sh : 2 * sh + H, 2 * sw : 2 * sw + W],
+        ]
+        x = torch.cat([x] + shifts, dim=1)  # noqa: RUF005 (TorchScript has no [a, *b]); B, 5C, H, W
         gh, gw = H // ph, W // pw
         x = x.reshape(B, 5 * C, gh, ph, gw, pw).permute(0, 2, 4, 3, 5, 1).reshape(B, gh, gw, -1)
         return self.norm(self.proj(self.patch_norm(x)))

@@ -1,7 +1,16 @@
 """Registered networks. Importing this package registers every model with timm."""
 
+from vision_attn.models._loading import load_trained, model_input_size
 from vision_attn.models._registry import create_model, list_models, load_checkpoint
 from vision_attn.models.resnet_attn import AttnResNet
 from vision_attn.models.vit import VisionTransformer
 
-__all__ = ["AttnResNet", "VisionTransformer", "create_model", "list_models", "load_checkpoint"]
+__all__ = [
+    "AttnResNet",
+    "VisionTransformer",
+    "create_model",
+    "list_models",
+    "load_checkpoint",
+    "load_trained",
+    "model_input_size",
+]

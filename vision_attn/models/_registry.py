@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +17,9 @@ import torch
 from timm.models import register_model as _timm_register_model
 from torch import nn
 
-__all__ = ["create_model", "list_models", "load_checkpoint", "register_filter_fn", "register_model"]
+from vision_attn.models._weights import read_weights
+
+__all__ = ["create_model", "fit_state_dict", "list_models", "load_checkpoint", "register_filter_fn", "register_model"]
 
 _MODEL_NAMES: set[str] = set()
 _FILTER_FNS: dict[type, Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]] = {}
@@ -51,39 +52,20 @@ def _check_name(model_name: str) -> None:
         raise ValueError(f"unknown model_name {model_name!r}: not a vision_attn model{hint}")
 
 
-def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint_path {path!r} does not exist or is not a file")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+def fit_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str, strict: bool = True, resample_weights: bool = False
+) -> nn.Module:
+    """Load ``state`` into ``model`` strictly; returns ``model``. ``source`` names the file in errors.
 
-        return load_file(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle errors, truncated zip files, ...
-        raise ValueError(f"checkpoint_path {path!r} is not a readable PyTorch or safetensors file: {err}") from err
-    if isinstance(state, dict):
-        for key in ("state_dict", "model", "state_dict_ema"):
-            if key in state and isinstance(state[key], dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"checkpoint_path {path!r} holds no state dict of tensors")
-    return state
-
-
-def load_checkpoint(model: nn.Module, checkpoint_path: str | os.PathLike, strict: bool = True) -> nn.Module:
-    """Load a local weights file (safetensors or ``torch.save``'d state dict) into ``model``; returns ``model``.
-
-    The model's ``checkpoint_filter_fn`` (if registered) adapts foreign weights first, e.g. resampling
-    position embeddings. Mismatching keys or shapes raise a ``ValueError`` that lists them.
+    Weights of another architecture (other shapes; with ``strict`` also missing or unexpected keys) raise a
+    ``ValueError`` listing them. Only with ``resample_weights=True`` does the model's ``checkpoint_filter_fn``
+    adapt them first (e.g. resampling a ViT's position and patch embeddings to its ``img_size``/``patch_size``).
     """
-    state = _read_state_dict(checkpoint_path)
-    for cls in type(model).__mro__:
-        if cls in _FILTER_FNS:
-            state = _FILTER_FNS[cls](state, model)
-            break
+    if resample_weights:
+        for cls in type(model).__mro__:
+            if cls in _FILTER_FNS:
+                state = _FILTER_FNS[cls](state, model)
+                break
     own = model.state_dict()
     wrong_shape = [
         f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -100,38 +82,50 @@ def load_checkpoint(model: nn.Module, checkpoint_path: str | os.PathLike, strict
             parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:10])}")
         if strict and unexpected:
             parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:10])}")
-        raise ValueError(
-            f"checkpoint_path {os.fspath(checkpoint_path)!r} does not fit {type(model).__name__}: " + " | ".join(parts)
-        )
+        hint = ""
+        resizable = {"pos_embed", "patch_embed.proj.weight"} & {k.split(":")[0] for k in wrong_shape}
+        if resizable and not resample_weights and any(cls in _FILTER_FNS for cls in type(model).__mro__):
+            hint = (
+                f" ({', '.join(sorted(resizable))} differ: the weights were trained for another img_size or "
+                "patch_size; pass resample_weights=True (--resample-weights) to resample them on purpose)"
+            )
+        raise ValueError(f"{source} does not fit {type(model).__name__}: " + " | ".join(parts) + hint)
     model.load_state_dict(state, strict=strict)
     return model
 
 
-def _read_config(checkpoint_path: str | os.PathLike) -> dict[str, Any]:
-    """Model kwargs saved beside an exported weights file as ``<stem>.json`` (key ``model_args``), if any."""
-    cfg_path = os.path.splitext(os.fspath(checkpoint_path))[0] + ".json"
-    if not os.path.isfile(cfg_path):
-        return {}
-    with open(cfg_path) as f:
-        return dict(json.load(f).get("model_args", {}))
+def load_checkpoint(
+    model: nn.Module, checkpoint_path: str | os.PathLike, strict: bool = True, resample_weights: bool = False
+) -> nn.Module:
+    """Load the weights at ``checkpoint_path`` (any format :func:`~vision_attn.load_trained` reads: safetensors,
+    ``torch.save``-d state dict, ``train.py`` checkpoint, export folder) into ``model``; returns ``model``.
+
+    Strict: mismatching keys or shapes raise a ``ValueError`` that lists them, unless ``resample_weights=True``
+    asks the model's ``checkpoint_filter_fn`` to adapt foreign weights (position-embedding resampling).
+    """
+    weights = read_weights(checkpoint_path)
+    source = f"checkpoint_path {os.fspath(checkpoint_path)!r}"
+    return fit_state_dict(model, weights.state_dict, source, strict=strict, resample_weights=resample_weights)
 
 
 def create_model(
     model_name: str,
     pretrained: bool = False,
     checkpoint_path: str | os.PathLike | None = None,
+    resample_weights: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """Build the vision_attn model ``model_name`` (see :func:`list_models`); returns an ``nn.Module``.
 
-    ``pretrained=True`` goes through timm's normal download path (network needed). ``checkpoint_path`` loads a
-    local weights file strictly; model arguments stored beside it in ``<stem>.json`` (as written by the training
-    export) are used unless overridden by ``kwargs``.
+    ``pretrained=True`` goes through timm's normal download path (network needed). ``checkpoint_path`` loads
+    trained weights strictly (any format :func:`~vision_attn.load_trained` reads); the model arguments stored with
+    them are used, and ``kwargs`` that contradict them are an error (drop rates may change).
+    ``resample_weights=True`` adapts weights trained for another ``img_size``/``patch_size`` on purpose.
     """
     _check_name(model_name)
-    if checkpoint_path is not None:
-        kwargs = {**_read_config(checkpoint_path), **kwargs}
-    model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
-    if checkpoint_path is not None:
-        load_checkpoint(model, checkpoint_path)
-    return model
+    if checkpoint_path is None:
+        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    from vision_attn.models._loading import build_from_weights  # it builds models through this module
+
+    weights = read_weights(checkpoint_path)
+    return build_from_weights(weights, model_name, kwargs, resample_weights=resample_weights, pretrained=pretrained)

@@ -30,12 +30,13 @@ from typing import Any
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs
+from timm.models._manipulate import checkpoint_seq
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
 from vision_attn.layers.aa_conv import AugmentedConv2d
 from vision_attn.layers.bot import BotAttention
-from vision_attn.layers.checks import check_images, to_2tuple_int
+from vision_attn.layers.checks import check_images, is_tracing, to_2tuple_int
 from vision_attn.layers.cnn_attn import CNN_GATES
 from vision_attn.models._registry import register_model
 
@@ -179,6 +180,7 @@ class AttnResNet(ResNet):
             if isinstance(module, (AugmentedConv2d, BotAttention)):
                 module.reset_parameters()
 
+    @torch.jit.unused  # eager-only validation; forward skips it when scripting or tracing
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a ``TypeError``/``ValueError`` naming what is wrong unless ``x`` fits this network; returns nothing."""
         check_images(x, in_chans=self.in_chans, min_size=(self.net_stride, self.net_stride))
@@ -198,14 +200,19 @@ class AttnResNet(ResNet):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Return the last stage's feature map ``[B, num_features, H/stride, W/stride]`` after checking ``x``."""
-        self.check_input(x)
-        return super().forward_features(x)
+        if not torch.jit.is_scripting() and not is_tracing():
+            self.check_input(x)
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))  # timm's ResNet body (TorchScript has no super())
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq([self.layer1, self.layer2, self.layer3, self.layer4], x, flatten=True)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward_intermediates(
         self, x: torch.Tensor, *args: Any, **kwargs: Any
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """timm's ``forward_intermediates`` (stem + 4 stage maps ``[B, C_i, H/r_i, W/r_i]``) after checking ``x``."""
-        self.check_input(x)
+        if not is_tracing():
+            self.check_input(x)
         return super().forward_intermediates(x, *args, **kwargs)
 
 

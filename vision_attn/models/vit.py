@@ -10,15 +10,13 @@ The same :class:`VisionTransformer` builds every variant by swapping modules:
   2021) + CCT's sequence pooling — the default model for small data (``configs/default.yaml``).
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable
 from functools import partial
 from typing import Any, Literal
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.layers import Mlp, resample_abs_pos_embed, resample_patch_embed, trunc_normal_
+from timm.layers import LayerScale, Mlp, resample_abs_pos_embed, resample_patch_embed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq, named_apply
@@ -36,9 +34,10 @@ from vision_attn.layers import (
     check_images,
     sincos_2d_pos_embed,
 )
+from vision_attn.layers.checks import is_tracing
 from vision_attn.models._registry import register_filter_fn, register_model
 
-__all__ = ["VisionTransformer", "checkpoint_filter_fn"]
+__all__ = ["VisionTransformer", "checkpoint_filter_fn", "timm_vit_args"]
 
 GLOBAL_POOLS = ("token", "avg", "seq", "")
 POS_EMBEDS = ("learn", "sincos", "none")
@@ -178,6 +177,7 @@ class VisionTransformer(nn.Module):
             nn.init.normal_(self.reg_token, std=1e-6)
         named_apply(init_weights_vit_timm, self)
 
+    @torch.jit.unused  # timm's sin-cos builder does not script; scripted sin-cos models take their img_size only
     def _sincos_table(self, grid_size: tuple[int, int]) -> torch.Tensor:
         table = sincos_2d_pos_embed(grid_size, self.embed_dim)
         if not self.no_embed_class and self.num_prefix_tokens:
@@ -220,6 +220,7 @@ class VisionTransformer(nn.Module):
         device = self.head.weight.device if isinstance(self.head, nn.Linear) else None
         self.head = nn.Linear(self.embed_dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
 
+    @torch.jit.unused  # eager-only validation; forward skips it when scripting or tracing
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ``TypeError``/``ValueError`` unless ``x`` is a float ``[B, in_chans, H, W]`` batch this model takes."""
         check_images(
@@ -232,34 +233,39 @@ class VisionTransformer(nn.Module):
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         B, gh, gw, C = x.shape
         x = x.reshape(B, gh * gw, C)  # B, gh, gw, C -> B, N, C
-        prefix = []
+        prefix: list[torch.Tensor] = []
         if self.cls_token is not None:
             prefix.append(self.cls_token.expand(B, -1, -1))
         if self.reg_token is not None:
             prefix.append(self.reg_token.expand(B, -1, -1))
 
         pos_embed = self.pos_embed
-        if pos_embed is not None and (gh, gw) != self.patch_embed.grid_size:
-            if self.pos_embed_type == "sincos":
-                pos_embed = self._sincos_table((gh, gw)).to(x)
-            else:
-                pos_embed = resample_abs_pos_embed(
-                    pos_embed,
-                    new_size=(gh, gw),
-                    old_size=self.patch_embed.grid_size,
-                    num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
-                )
         if pos_embed is None:
-            x = torch.cat([*prefix, x], dim=1)
-        elif self.no_embed_class:
-            x = torch.cat([*prefix, x + pos_embed], dim=1)
+            x = torch.cat(prefix + [x], dim=1)  # noqa: RUF005 (TorchScript has no [*a, b])
         else:
-            x = torch.cat([*prefix, x], dim=1) + pos_embed
+            if self.dynamic_img_size:  # fixed-size models are checked at the input, so their table always fits
+                pos_embed = self._resize_pos_embed(pos_embed, gh, gw)
+            if self.no_embed_class:
+                x = torch.cat(prefix + [x + pos_embed], dim=1)  # noqa: RUF005
+            else:
+                x = torch.cat(prefix + [x], dim=1) + pos_embed  # noqa: RUF005
         return self.pos_drop(x)
+
+    def _resize_pos_embed(self, pos_embed: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+        """Return the position table for a ``gh x gw`` token grid (resampled or, for sin-cos, rebuilt)."""
+        old_size = self.patch_embed.grid_size
+        if self.pos_embed_type == "sincos":
+            if gh == old_size[0] and gw == old_size[1]:
+                return pos_embed
+            return self._sincos_table((gh, gw)).to(pos_embed)
+        num_prefix_tokens = 0 if self.no_embed_class else self.num_prefix_tokens
+        # timm returns the table itself for the same size, except under torch.export (no size specialization)
+        return resample_abs_pos_embed(pos_embed, [gh, gw], [old_size[0], old_size[1]], num_prefix_tokens)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Return normalised tokens ``[B, num_prefix_tokens + gh * gw, embed_dim]``."""
-        self.check_input(x)
+        if not torch.jit.is_scripting() and not is_tracing():
+            self.check_input(x)
         x = self._pos_embed(self.patch_embed(x))
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
@@ -271,6 +277,8 @@ class VisionTransformer(nn.Module):
         """Pool tokens ``[B, N, C] -> [B, C]`` (or return them unpooled for ``''``)."""
         pool_type = self.global_pool if pool_type is None else pool_type
         if pool_type == "seq":
+            if self.attn_pool is None:
+                raise ValueError("pool_type 'seq' needs a model built with global_pool='seq' (sequence pooling)")
             return self.attn_pool(x[:, self.num_prefix_tokens :])
         if pool_type == "avg":
             return x[:, self.num_prefix_tokens :].mean(dim=1)
@@ -304,7 +312,8 @@ class VisionTransformer(nn.Module):
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt {output_fmt!r} is not one of ('NCHW', 'NLC')")
-        self.check_input(x)
+        if not is_tracing():
+            self.check_input(x)
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         tokens = self.patch_embed(x)
         B, gh, gw, _ = tokens.shape
@@ -392,6 +401,63 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: VisionTrans
 register_filter_fn(VisionTransformer, checkpoint_filter_fn)
 
 
+TIMM_VIT_BY_WIDTH = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224",
+                     1024: "vit_large_patch16_224"}  # fmt: skip
+
+
+def timm_vit_args(model: nn.Module) -> tuple[str, dict[str, Any]] | None:
+    """Return ``(timm_model_name, kwargs)`` building timm's own ``VisionTransformer`` with ``model``'s state dict
+    and logits, or None when ``model`` uses a part timm's ViT lacks (CCT tokenizer or sequence pooling, SPT, LSA,
+    sin-cos tables resampled at run time, other layers). The kwargs set every architecture argument, so the name
+    only picks the timm entrypoint."""
+    if not isinstance(model, VisionTransformer) or type(model.patch_embed) is not PatchEmbed:
+        return None
+    if model.attn_pool is not None or model.global_pool not in ("token", "avg", ""):
+        return None
+    if model.pos_embed_type == "sincos" and model.dynamic_img_size:
+        return None
+    if not isinstance(model.patch_embed.norm, nn.Identity) or model.patch_embed.proj.bias is None:
+        return None
+    first = model.blocks[0]
+
+    def plain(block: nn.Module) -> bool:
+        attn, mlp = block.attn, block.mlp
+        norms = [block.norm1, block.norm2] + ([attn.q_norm, attn.k_norm] if not isinstance(attn.q_norm, nn.Identity)
+                                               else [])  # fmt: skip
+        return (
+            type(block) is Block and type(attn) is Attention and type(mlp) is Mlp
+            and attn.log_temperature is None and not attn.diagonal_mask
+            and all(type(n) is nn.LayerNorm and n.eps == 1e-6 for n in norms)
+            and type(mlp.act) is nn.GELU and mlp.act.approximate == "none"
+            and attn.num_heads == first.attn.num_heads and mlp.fc1.out_features == first.mlp.fc1.out_features
+            and type(block.ls1) is type(first.ls1)
+        )  # fmt: skip
+
+    if not all(plain(block) for block in model.blocks):
+        return None
+    kwargs = dict(
+        img_size=list(model.patch_embed.img_size),
+        patch_size=list(model.patch_embed.patch_size),
+        in_chans=model.in_chans,
+        num_classes=model.num_classes,
+        global_pool=model.global_pool,
+        embed_dim=model.embed_dim,
+        depth=len(model.blocks),
+        num_heads=first.attn.num_heads,
+        mlp_ratio=first.mlp.fc1.out_features / model.embed_dim,
+        qkv_bias=first.attn.qkv.bias is not None,
+        qk_norm=not isinstance(first.attn.q_norm, nn.Identity),
+        init_values=1e-5 if isinstance(first.ls1, LayerScale) else None,  # LayerScale on; its weights are loaded
+        class_token=model.has_class_token,
+        reg_tokens=model.num_reg_tokens,
+        pos_embed="none" if model.pos_embed is None else "learn",  # a sin-cos table is stored like a learned one
+        no_embed_class=model.no_embed_class,
+        fc_norm=not isinstance(model.fc_norm, nn.Identity),
+        dynamic_img_size=model.dynamic_img_size,
+    )
+    return TIMM_VIT_BY_WIDTH.get(model.embed_dim, "vit_base_patch16_224"), kwargs
+
+
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     out_indices = kwargs.pop("out_indices", 3)
     return build_model_with_cfg(
@@ -419,6 +485,7 @@ def _cfg(
         pool_size=None,
         crop_pct=1.0 if input_size[-1] <= 64 else 0.9,
         interpolation="bicubic",
+        fixed_input_size=True,  # unless built with dynamic_img_size=True (timm reads that from the model)
         first_conv="patch_embed.proj",
         classifier="head",
         license="apache-2.0",

@@ -21,7 +21,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vision_attn._io import atomic_open, atomic_write_text, check_writable_dir
-from vision_attn.training.export import export_checkpoint, export_model
+from vision_attn.export import write_export
+from vision_attn.models import load_trained
 
 __all__ = ["AttentionOverlays", "ExportBackbone", "PredictionWriter", "RunGuard", "TrainSummary"]
 
@@ -147,8 +148,10 @@ class AttentionOverlays(_LogDirCallback):
 
 
 class ExportBackbone(_LogDirCallback):
-    """At the end of ``fit``, export the best checkpoint's network (else the current one) to
-    ``<dirpath>/<filename>.safetensors`` + ``.json`` (default ``dirpath``: ``<log_dir>/export``)."""
+    """At the end of ``fit``, export the best checkpoint's network (else the current one) as a timm / Hugging Face
+    folder ``<dirpath>`` (``config.json`` + ``<filename>.safetensors`` + ``<filename>.json``; default ``dirpath``:
+    ``<log_dir>/export``), written in one atomic step; ``vision_attn.load_trained(dirpath)`` and
+    ``timm.create_model("local-dir:<dirpath>", pretrained=True)`` load it."""
 
     def __init__(self, dirpath: str | None = None, filename: str = "model", use_best: bool = True) -> None:
         super().__init__()
@@ -169,20 +172,19 @@ class ExportBackbone(_LogDirCallback):
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Write the export files."""
+        """Write the export folder."""
         out = self._out_dir(trainer)
-        target = out / f"{self.filename}.safetensors"
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") if self.use_best else ""
-        if best and Path(best).is_file():
-            self.path = export_checkpoint(best, target)
+        info = pl_module.export_info() if hasattr(pl_module, "export_info") else {}
+        if best and Path(best).is_file() and info.get("model_name"):
+            net, loaded = load_trained(best)  # its EMA weights when it has them
+            meta = {**info, **{k: v for k, v in loaded.items() if v is not None}, "source_checkpoint": str(best)}
         else:
-            info = pl_module.export_info() if hasattr(pl_module, "export_info") else {}
-            extra = {k: v for k, v in info.items() if k not in ("model_name", "model_args")}
-            if "classes" in extra:
-                extra["class_names"] = extra.pop("classes")
             net = pl_module.eval_net if hasattr(pl_module, "eval_net") else pl_module
-            self.path = export_model(net, target, info.get("model_name"), info.get("model_args"), **extra)
-        print(f"exported the network to {self.path} (+ {self.path.with_suffix('.json').name})")
+            meta = info
+        result = write_export(net, out, ("hub",), meta=meta, stem=self.filename)
+        self.path = result.files["hub"]
+        print(f"exported the network to {out}/ (config.json, {self.path.name}, {self.path.with_suffix('.json').name})")
 
 
 class TrainSummary(_LogDirCallback):

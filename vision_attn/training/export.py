@@ -1,30 +1,26 @@
-"""Export a trained backbone as ``<stem>.safetensors`` + ``<stem>.json``, loadable without Lightning::
+"""Export a trained backbone as one ``<stem>.safetensors`` file, loadable without Lightning::
 
-model = vision_attn.create_model(meta["model_name"], checkpoint_path="model.safetensors")
+    model, info = vision_attn.load_trained("model.safetensors")
+
+The metadata (model name and arguments, class names, mean/std, input size) is written into the safetensors header,
+so weights and metadata are one atomic file; ``<stem>.json`` beside it repeats it for readers of the earlier
+layout. For a timm / Hugging Face folder, ONNX, TorchScript or ``.pt2`` use :func:`vision_attn.export_trained`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
+from vision_attn._io import atomic_write_text
+from vision_attn.models._loading import recorded_model_args
+from vision_attn.models._weights import read_weights, to_json, write_safetensors
+
 __all__ = ["export_checkpoint", "export_model"]
-
-
-def _to_jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_to_jsonable(v) for v in value]
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
-    return str(value)
 
 
 def export_model(
@@ -34,41 +30,27 @@ def export_model(
     model_args: dict[str, Any] | None = None,
     **extra: Any,
 ) -> Path:
-    """Write ``net``'s state dict (or the state dict ``net``) to ``path`` (``.safetensors``) and
-    ``{model_name, model_args, **extra}`` to the ``.json`` beside it; returns the ``.safetensors`` path."""
+    """Write ``net``'s state dict (or the state dict ``net``) to ``path`` (``.safetensors``) with
+    ``{model_name, model_args, **extra}`` in its header and in the ``.json`` beside it; returns the
+    ``.safetensors`` path. Each file is written atomically, the weights (with their metadata) first."""
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = net.state_dict() if isinstance(net, nn.Module) else net
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    save_file(state, str(path), metadata={"format": "pt"})
+    if isinstance(net, nn.Module):
+        model_args, state = recorded_model_args(net, model_args), net.state_dict()
+    else:
+        state = net
     meta = {"model_name": model_name, "model_args": dict(model_args or {}), **extra}
-    path.with_suffix(".json").write_text(json.dumps(_to_jsonable(meta), indent=2, sort_keys=True) + "\n")
+    write_safetensors(path, state, meta)
+    atomic_write_text(path.with_suffix(".json"), to_json(meta))
     return path
-
-
-def _state_with_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def export_checkpoint(ckpt_path: str | os.PathLike, path: str | os.PathLike, use_ema: bool = True) -> Path:
     """Export the network of a ``train.py`` checkpoint (the EMA weights if it has them and ``use_ema``) to
     ``path``; returns the ``.safetensors`` path. Loads with ``weights_only=True``: a file holding code is refused."""
-    ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(f"ckpt_path {str(ckpt_path)!r} does not exist")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # never unpickles code
-    info = ckpt.get("vision_attn") if isinstance(ckpt, dict) else None
-    if not isinstance(info, dict) or "state_dict" not in ckpt:
+    weights = read_weights(ckpt_path, use_ema=use_ema, name="ckpt_path")
+    if weights.source != "checkpoint" or not weights.meta.get("model_name"):
         raise ValueError(f"ckpt_path {str(ckpt_path)!r} is not a train.py checkpoint (no 'vision_attn' key)")
-    state = ckpt["state_dict"]
-    weights = _state_with_prefix(state, "ema.module.") if use_ema else {}
-    weights = weights or _state_with_prefix(state, "net.")
-    if not weights:
-        raise ValueError(f"ckpt_path {str(ckpt_path)!r} holds no 'net.' weights")
-    extra = {k: v for k, v in info.items() if k not in ("model_name", "model_args")}
-    extra.update(source_checkpoint=str(ckpt_path), epoch=ckpt.get("epoch"), global_step=ckpt.get("global_step"))
-    if "classes" in extra:
-        extra["class_names"] = extra.pop("classes")
-    return export_model(weights, path, info.get("model_name"), info.get("model_args"), **extra)
+    meta = dict(weights.meta, source_checkpoint=str(ckpt_path), weights=weights.weights)
+    return export_model(weights.state_dict, path, meta.pop("model_name"), meta.pop("model_args"), **meta)
