@@ -166,7 +166,7 @@ def load_model(
     ``checkpoint`` (a train.py checkpoint, an export folder, a ``.safetensors`` with metadata) or ``weights`` (for
     ``model_name``) are read by :func:`vision_attn.load_trained`, which uses a checkpoint's EMA weights when it
     has them. ``info`` holds ``name``, ``mean``, ``std``, ``input_size`` ``(H, W)`` and, where known,
-    ``class_names``.
+    ``class_names`` and ``img_size`` (the size the weights were trained at).
     """
     from vision_attn.models._loading import build_model, load_trained, model_input_size
 
@@ -174,7 +174,7 @@ def load_model(
         source = checkpoint if checkpoint is not None else weights
         name = None if checkpoint is not None else model_name
         model, loaded = load_trained(source, model_name=name, model_args=model_args)
-        info = {k: loaded[k] for k in ("mean", "std", "class_names") if loaded.get(k) is not None}
+        info = {k: loaded[k] for k in ("mean", "std", "class_names", "img_size") if loaded.get(k) is not None}
         return model, {**info, "name": loaded["model_name"], "input_size": tuple(loaded["input_size"][1:])}
     if model_name is None:
         raise ValueError("give a --checkpoint PATH or a --model NAME")

@@ -188,7 +188,8 @@ def load_trained(
 
     ``info``: ``model_name``, ``model_args``, ``input_size`` ``(C, H, W)``, ``mean``, ``std``, ``class_names``
     (or None), ``num_classes``, ``path`` (the weights file), ``source`` (the format), ``weights`` (``'ema'``,
-    ``'net'`` or ``'file'``) and, from checkpoints, ``epoch``/``global_step``.
+    ``'net'`` or ``'file'``) and, where the metadata has them, ``epoch``/``global_step`` and ``img_size`` (the
+    size the weights were trained at, which a CNN taking any size may differ from ``input_size``).
     """
     weights = read_weights(path, use_ema=use_ema, name="path")
     model = build_from_weights(weights, model_name, model_args, resample_weights=resample_weights)
@@ -209,7 +210,7 @@ def load_trained(
         "source": weights.source,
         "weights": weights.weights,
     }
-    for key in ("epoch", "global_step", "data_name"):
+    for key in ("epoch", "global_step", "data_name", "img_size"):  # img_size: what the weights were trained at
         if key in meta:
             info[key] = meta[key]
     return model.eval(), info
