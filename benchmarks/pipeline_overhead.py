@@ -12,6 +12,9 @@ the ratio pipeline / bare is the number to read (target: <= 1.10). Usage::
 
     python benchmarks/pipeline_overhead.py                 # 2 epochs each, 3 rounds
     python benchmarks/pipeline_overhead.py --epochs 1 --rounds 1
+    python benchmarks/pipeline_overhead.py --write-docs    # also rewrite the table in docs/training.md
+
+``--write-docs`` refuses when the machine was not quiet before the first round (``--allow-load`` overrides).
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import yaml
+from _machine import REPO, settle, write_block  # benchmarks/ is on sys.path when run
 from timm.optim import param_groups_weight_decay
 from torch.nn import functional as F
 
@@ -34,7 +39,6 @@ from vision_attn.training import ImageClassifier
 from vision_attn.training.cli import main as train_main
 from vision_attn.training.module import NO_DECAY_NAMES
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "default.yaml"
 
 
@@ -90,16 +94,33 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-load", type=float, default=1.0, help="1-minute load average that counts as quiet")
+    parser.add_argument("--settle", type=float, default=240.0, help="seconds to wait for a quiet machine")
+    parser.add_argument("--allow-load", action="store_true", help="write docs even if the machine was busy")
+    parser.add_argument("--write-docs", action="store_true", help="rewrite the table in docs/training.md")
     args = parser.parse_args(argv)
+    load = settle(args.max_load, args.settle)
+    print(f"load before the first round: {load}", flush=True)
     bare, pipe = [], []
     for round_ in range(args.rounds):
         bare.append(bare_seconds(args.epochs))
         pipe.append(pipeline_seconds(args.epochs))
         print(f"round {round_ + 1}: bare {bare[-1]:.1f} s, pipeline {pipe[-1]:.1f} s", flush=True)
     b, p = statistics.median(bare), statistics.median(pipe)
-    print(f"\n| {args.epochs} epochs of the default config | bare loop | pipeline (train.py fit) | pipeline / bare |")
-    print("|---|---|---|---|")
-    print(f"| seconds (median of {args.rounds}) | {b:.1f} | {p:.1f} | **{p / b:.2f}** |")
+    text = "\n".join([
+        f"| {args.epochs} epochs of the default config | bare loop | pipeline (`train.py fit`) | pipeline / bare |",
+        "|---|---|---|---|",
+        f"| seconds (median of {args.rounds}, alternating) | {b:.1f} | {p:.1f} | **{p / b:.2f}** |",
+    ])  # fmt: skip
+    print("\n" + text)
+    if args.write_docs:
+        if not load["quiet"] and not args.allow_load:
+            print(f"not writing docs: the machine was busy ({load}); rerun on an idle machine", file=sys.stderr)
+            return 1
+        made_by = (
+            f"\n\nMade by `python benchmarks/pipeline_overhead.py --write-docs` (load before: {load['loadavg'][0]})."
+        )
+        write_block("pipeline_overhead", text + made_by, [REPO / "docs" / "training.md"])
     return 0
 
 

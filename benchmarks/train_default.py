@@ -4,10 +4,10 @@ Every model is trained by the same pipeline (``python train.py fit --config conf
 and the run folder changed), one after the other in one invocation, each for the same wall-clock box with the cosine
 run over that time (``--model.schedule time``). Each run ends with the test-split evaluation of its best checkpoint
 (selected on the validation hold-out of the train split). For the attention models the script then scores attention
-maps on the embedded test boxes: attention rollout for the token models, the modules' own spatial maps (``spatial``)
-for the attention ResNets that have them (SE and ECA have channel gates only). Usage::
+maps on the embedded test boxes: attention rollout and gradient rollout for the token models, the modules' own
+spatial maps (``spatial``) for the attention ResNets that have them (SE and ECA have channel gates only). Usage::
 
-    python benchmarks/train_default.py                              # every model, 4.5-minute box each (~1 hour)
+    python benchmarks/train_default.py                              # every model, 4-minute box each (~50 minutes)
     python benchmarks/train_default.py --models default resnet18    # a subset
     python benchmarks/train_default.py --max-time 00:00:00:30 --allow-load   # a quick look (numbers not for docs)
     python benchmarks/train_default.py --write-docs                 # also rewrite the tables in README/docs
@@ -23,28 +23,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-DOC_FILES = (REPO / "README.md", REPO / "docs" / "training.md")
-MARK_START, MARK_END = "<!-- train_default:start -->", "<!-- train_default:end -->"
+from _machine import REPO, settle, write_block  # benchmarks/ is on sys.path when run
+
+from vision_attn._io import atomic_write_text
+
+DOC_FILES = [REPO / "README.md", REPO / "docs" / "training.md"]
 RESNET_ATTN = ("se", "eca", "cbam", "coord", "nonlocal", "aa", "bot")
-# name -> (train.py overrides, attention-map method or None)
-MODELS: dict[str, tuple[list[str], str | None]] = {
-    "default": ([], "rollout"),
+TOKEN_MAPS = ("rollout", "gradient_rollout")
+# name -> (train.py overrides, attention-map methods scored on the test boxes)
+MODELS: dict[str, tuple[list[str], tuple[str, ...]]] = {
+    "default": ([], TOKEN_MAPS),
     "vit_plain": (["--model.model=va_vit_tiny_patch8_64",
-                   "--model.model_args={embed_dim: 128, depth: 4, num_heads: 4}"], "rollout"),
-    "resnet18": (["--model.model=resnet18", "--model.model_args={}"], None),
-    "va_resnet18": (["--model.model=va_resnet18_224", "--model.model_args={}"], None),
+                   "--model.model_args={embed_dim: 128, depth: 4, num_heads: 4}"], TOKEN_MAPS),
+    "resnet18": (["--model.model=resnet18", "--model.model_args={}"], ()),
+    "va_resnet18": (["--model.model=va_resnet18_224", "--model.model_args={}"], ()),
     **{
         f"va_resnet18_{attn}": (
             [f"--model.model=va_resnet18_{attn}_224", "--model.model_args={}"],
-            None if attn in ("se", "eca") else "spatial",
+            () if attn in ("se", "eca") else ("spatial",),
         )
         for attn in RESNET_ATTN
     },
@@ -58,34 +60,6 @@ DESCRIPTIONS = {
 }
 
 
-def cpu_busy(seconds: float = 5.0) -> float:
-    """Fraction of all CPU time that was busy over ``seconds`` (from ``/proc/stat``; 0.0 where it is missing)."""
-
-    def read() -> tuple[int, int]:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-        return sum(fields), idle
-
-    if not Path("/proc/stat").exists():
-        return 0.0
-    total0, idle0 = read()
-    time.sleep(seconds)
-    total1, idle1 = read()
-    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
-
-
-def settle(max_load: float, timeout: float) -> dict[str, Any]:
-    """Wait until the machine is quiet (or ``timeout`` s passed); returns the load record of that moment."""
-    start = time.perf_counter()
-    while True:
-        busy = cpu_busy()
-        load = os.getloadavg()
-        quiet = load[0] < max_load and busy < 0.15
-        if quiet or time.perf_counter() - start > timeout:
-            return {"loadavg": [round(v, 2) for v in load], "cpu_busy": round(busy, 3), "quiet": quiet}
-        time.sleep(5)
-
-
 def _summary_for(run_root: Path, since: float) -> dict[str, Any]:
     found = [p for p in run_root.rglob("summary.json") if p.stat().st_mtime >= since]
     if not found:
@@ -93,15 +67,15 @@ def _summary_for(run_root: Path, since: float) -> dict[str, Any]:
     return json.loads(max(found, key=lambda p: p.stat().st_mtime).read_text())
 
 
-def train(model: str, max_time: str, extra: list[str]) -> dict[str, Any]:
-    """Train ``model`` with the default config in a fresh process; returns its summary plus the process wall time."""
-    name = f"bench_{model}"
-    run_root = REPO / "runs" / name
+def train(model: str, max_time: str, extra: list[str], runs: Path) -> dict[str, Any]:
+    """Train ``model`` with the default config in a fresh process, in a new run folder under ``runs/bench_MODEL``;
+    returns its summary plus the process wall time."""
+    run_root = runs / f"bench_{model}"
     overrides, _ = MODELS[model]
     cmd = [
         sys.executable, "train.py", "fit", "--config", "configs/default.yaml", *overrides,
         "--model.schedule=time", f"--trainer.max_time={max_time}", "--trainer.max_epochs=1000",
-        f"--run_dir=runs/{name}", "--trainer.enable_progress_bar=false", "--trainer.logger=false",  # version_K/
+        f"--run_dir={run_root}", "--trainer.enable_progress_bar=false", "--trainer.logger=false",  # version_K/
         *extra,
     ]  # fmt: skip
     print("$", " ".join(cmd), flush=True)
@@ -114,15 +88,15 @@ def train(model: str, max_time: str, extra: list[str]) -> dict[str, Any]:
 
 def map_scores(checkpoint: str, method: str) -> dict[str, float]:
     """Pointing game and energy in box of ``method``'s maps on the 1,000 embedded test images, for the network of a
-    training checkpoint."""
+    training checkpoint (gradient methods explain the predicted class)."""
     import torch
 
+    from vision_attn import load_trained
     from vision_attn.data import ClutteredFashionMNIST, ImageDataModule
     from vision_attn.explain import explain
     from vision_attn.explain.metrics import energy_pointing, pointing_game
-    from vision_attn.training import ImageClassifier
 
-    net = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu").eval_net.eval()
+    net, _ = load_trained(checkpoint)  # the EMA weights when the run kept them, as the export
     data = ImageDataModule(num_workers=0, eval_batch_size=100)
     data.setup("test")
     boxes = torch.as_tensor(ClutteredFashionMNIST("test").boxes)
@@ -146,34 +120,26 @@ def table(results: list[dict[str, Any]], max_time: str) -> str:
     for r in results:
         test = r["test_acc1"]
         maps = r.get("maps") or {}
+        cells = [" / ".join(str(v) for v in column) or "—" for column in (
+            list(maps), [m["pointing_game"] for m in maps.values()], [m["energy_in_box"] for m in maps.values()]
+        )]  # fmt: skip
         lines.append(
             f"| {DESCRIPTIONS[r['model']]} | {r['params'] / 1e6:.2f}M | **{100 * test:.1f} %** "
-            f"| {r['train_images_per_second']:.0f} | {r['epochs']} | {r['method'] or '—'} "
-            f"| {maps.get('pointing_game', '—')} | {maps.get('energy_in_box', '—')} | {r['load']['loadavg'][0]} |"
+            f"| {r['train_images_per_second']:.0f} | {r['epochs']} | {' | '.join(cells)} | {r['load']['loadavg'][0]} |"
         )
     return "\n".join(lines)
-
-
-def write_docs(text: str) -> None:
-    """Replace the block between the train_default markers in README.md and docs/training.md with ``text``."""
-    block = re.compile(re.escape(MARK_START) + r".*?" + re.escape(MARK_END), re.S)
-    for path in DOC_FILES:
-        content = path.read_text()
-        if not block.search(content):
-            raise RuntimeError(f"{path} has no {MARK_START} ... {MARK_END} block to update")
-        path.write_text(block.sub(lambda _: f"{MARK_START}\n{text}\n{MARK_END}", content))
-        print(f"updated {path.relative_to(REPO)}")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the comparison; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--max-time", default="00:00:04:30", help="time box per model (DD:HH:MM:SS)")
+    parser.add_argument("--max-time", default="00:00:04:00", help="time box per model (DD:HH:MM:SS)")
     parser.add_argument("--max-load", type=float, default=1.0, help="1-minute load average that counts as quiet")
     parser.add_argument("--settle", type=float, default=240.0, help="seconds to wait for a quiet machine")
     parser.add_argument("--allow-load", action="store_true", help="write docs even if a run started on a busy machine")
     parser.add_argument("--write-docs", action="store_true", help="rewrite the table in README.md and docs/training.md")
+    parser.add_argument("--runs", type=Path, default=REPO / "runs", help="where the run folders and the JSON go")
     parser.add_argument("extra", nargs="*", help="more train.py overrides, after --")
     args = parser.parse_args(argv)
 
@@ -181,27 +147,26 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models:
         load = settle(args.max_load, args.settle)
         print(f"[{model}] load before the run: {load}", flush=True)
-        summary = train(model, args.max_time, args.extra)
-        method = MODELS[model][1]
+        summary = train(model, args.max_time, args.extra, args.runs.resolve())
+        methods = MODELS[model][1]
         test = summary.get("test") or {}
         result = {
             "model": model,
             "load": load,
-            "method": method,
             "test_acc1": test.get("metrics", {}).get("test/acc1", float("nan")),
             "tested_checkpoint": test.get("checkpoint"),
             "params": summary.get("num_parameters", 0),
             **{k: summary[k] for k in ("epochs", "global_step", "train_images_per_second", "fit_seconds")},
             "process_seconds": summary["process_seconds"],
         }
-        if method is not None and summary.get("best_model_path"):
-            result["maps"] = map_scores(summary["best_model_path"], method)
+        if summary.get("best_model_path"):
+            result["maps"] = {method: map_scores(summary["best_model_path"], method) for method in methods}
         results.append(result)
         print(json.dumps(result), flush=True)
 
-    out = REPO / "runs" / "bench_train_default.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    out = args.runs / "bench_train_default.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(results, indent=2) + "\n")
     text = table(results, args.max_time)
     print("\n" + text + f"\n\n(written to {out})")
     if args.write_docs:
@@ -211,9 +176,10 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)  # fmt: skip
             return 1
         command = "python benchmarks/train_default.py --write-docs" + (
-            f" --max-time {args.max_time}" if args.max_time != "00:00:04:30" else ""
+            f" --max-time {args.max_time}" if args.max_time != "00:00:04:00" else ""
         )
-        write_docs(f"{text}\n\nMade by `{command}` (test split: 1,000 images, evaluated once per run).")
+        note = "test split: 1,000 images, evaluated once per run, on the checkpoint selected on the validation hold-out"
+        write_block("train_default", f"{text}\n\nMade by `{command}` ({note}).", DOC_FILES)
     return 0
 
 

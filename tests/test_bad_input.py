@@ -598,8 +598,17 @@ CLI_CASES = {
     # --- explain (issue 11): options of vision-attn explain
     "explain --batch-size 0": ([*EXPLAIN, "--batch-size", "0"], r"argument --batch-size: must be an int >= 1, got '0'"),
     "explain --limit 0": (
-        ["explain", "--model", "va_vit_tiny_patch4_32", "--dataset", "cluttered_fashion_mnist", "--limit", "0",
-         "--out", "OUT"],
+        [
+            "explain",
+            "--model",
+            "va_vit_tiny_patch4_32",
+            "--dataset",
+            "cluttered_fashion_mnist",
+            "--limit",
+            "0",
+            "--out",
+            "OUT",
+        ],
         r"argument --limit: must be an int >= 1, got '0'",
     ),
     "explain --limit with --images": ([*EXPLAIN, "--limit", "3"], r"--limit 3 applies to --dataset only"),

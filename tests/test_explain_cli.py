@@ -261,3 +261,23 @@ def test_cli_device_cuda_without_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert exit_.value.code == 2
     assert "--device 'cuda' needs a CUDA GPU, but none is available here; use --device cpu" in err
     assert "Traceback" not in err
+
+
+def test_cli_records_true_and_predicted_classes_for_dataset_images(tmp_path: Path) -> None:
+    from vision_attn.data.cluttered import ClutteredFashionMNIST
+    from vision_attn.explain.cli import _row_title
+
+    args = ["--model", "va_vit_tiny_patch8_64", "--model-args", '{"depth": 1, "num_classes": 10, "in_chans": 1}',
+            "--dataset", "cluttered_fashion_mnist:test", "--limit", "3", "--method", "rollout", "--steps", "0",
+            "--no-overlays", "--out", str(tmp_path)]  # fmt: skip
+    assert explain_main(args) == 0
+    records = json.loads((tmp_path / "scores.json").read_text())["images"]
+    assert [r["label"] for r in records] == ClutteredFashionMNIST("test").targets[:3].tolist()
+    first = records[0]
+    title = _row_title(first).split("\n")
+    assert title[0] == first["image"]
+    assert title[1] == f"true: {first['label']}"  # a bare model knows no class names: the index
+    assert title[2] == f"pred: {first['models']['va_vit_tiny_patch8_64']['prediction']}"
+    named = {**first, "class_name": "Coat", "models": {"0:a": {"prediction": 1, "class_name": "Trouser"},
+                                                        "1:b": {"prediction": 4, "class_name": "Coat"}}}  # fmt: skip
+    assert _row_title(named).split("\n")[1:] == ["true: Coat", "0: Trouser", "1: Coat"]

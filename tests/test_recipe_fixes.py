@@ -29,7 +29,7 @@ def test_resume_applies_the_given_optimizer_values(which: str, tmp_path: Path, c
     ckpt = "last" if which == "last" else tmp_path / "version_0" / "checkpoints" / "last.ckpt"
     assert main(fit_args(tmp_path, *QUIET, *changed, f"--ckpt_path={ckpt}", epochs=2)) == 0
     out = capsys.readouterr().out
-    assert "resuming with the given model options instead of the checkpoint's: lr 0.002 -> 0.0005" in out
+    assert "resuming with the given model options instead of the checkpoint's: lr 0.001 -> 0.0005" in out
     ckpt = torch.load(tmp_path / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4
     groups = ckpt["optimizer_states"][0]["param_groups"]
@@ -50,7 +50,7 @@ def test_a_network_option_that_contradicts_the_checkpoint_is_an_error(tmp_path: 
         err = capsys.readouterr().err
         assert "Traceback" not in err
         assert "model.model_args {'embed_dim': 48" in err, err
-        assert "the checkpoint has {'embed_dim': 96" in err
+        assert "given, the checkpoint has {'num_classes': 10, 'in_chans': 1" in err  # the default model's own args
         assert "other shape" in err
     assert ckpt.read_bytes() == before
 

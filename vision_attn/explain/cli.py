@@ -138,13 +138,27 @@ def build_parser() -> argparse.ArgumentParser:
         "pointing-game scores (boxes are rescaled with the image)",
     )
     parser.add_argument(
-        "--img-size", type=_int_at_least(1), nargs="+", default=None, metavar="N",
+        "--img-size",
+        type=_int_at_least(1),
+        nargs="+",
+        default=None,
+        metavar="N",
         help="resize images to N (or H W) pixels (default: the checkpoint's img_size, else the model's input size)",
     )
-    parser.add_argument("--mean", type=float, nargs="+", default=None,
-                        help="input normalization mean: 1 value or one per model input channel")
-    parser.add_argument("--std", type=float, nargs="+", default=None,
-                        help="input normalization std: 1 value or one per model input channel")
+    parser.add_argument(
+        "--mean",
+        type=float,
+        nargs="+",
+        default=None,
+        help="input normalization mean: 1 value or one per model input channel",
+    )
+    parser.add_argument(
+        "--std",
+        type=float,
+        nargs="+",
+        default=None,
+        help="input normalization std: 1 value or one per model input channel",
+    )
     parser.add_argument("--steps", type=_int_at_least(0), default=16, help="deletion/insertion steps (0: skip them)")
     parser.add_argument("--grid-images", type=_int_at_least(1), default=8, help="rows of grid.png (first N images)")
     parser.add_argument("--no-overlays", action="store_true", help="write no per-image overlay PNGs")
@@ -297,8 +311,9 @@ def _check_arguments(args: argparse.Namespace) -> dict[str, Any]:
 
 def _model_images(
     args: argparse.Namespace, model: nn.Module, info: dict[str, Any], paths: list[Path], file_boxes: Any
-) -> tuple[torch.Tensor, list[str], torch.Tensor | None, tuple | None, tuple | None]:
-    """``(images, names, boxes, mean, std)`` for one model: read, resized and normalized as the model expects."""
+) -> tuple[torch.Tensor, list[str], torch.Tensor | None, tuple | None, tuple | None, torch.Tensor | None]:
+    """``(images, names, boxes, mean, std, labels)`` for one model: read, resized and normalized as the model
+    expects; ``labels`` (the true classes) only for ``--dataset``."""
     in_chans = _in_chans(model)
     mean = channel_stats(args.mean, in_chans, "--mean") if args.mean is not None else None
     std = channel_stats(args.std, in_chans, "--std") if args.std is not None else None
@@ -311,11 +326,22 @@ def _model_images(
         data = dataset_info(parse_dataset_spec(args.dataset)[0])
         mean = mean or channel_stats(data.mean, in_chans, "the dataset's mean", convert=True)
         std = std or channel_stats(data.std, in_chans, "the dataset's std", convert=True)
-        images, names, boxes, _ = load_dataset_images(args.dataset, args.limit, in_chans, size, mean, std)
-        return images, names, boxes, mean, std
+        images, names, boxes, labels = load_dataset_images(args.dataset, args.limit, in_chans, size, mean, std)
+        return images, names, boxes, mean, std, labels
     images, sizes = load_image_files(paths, in_chans, size, mean, std)
     boxes = None if file_boxes is None else resize_boxes(file_boxes, sizes, tuple(images.shape[-2:]))
-    return images, unique_names(paths), boxes, mean, std
+    return images, unique_names(paths), boxes, mean, std, None
+
+
+def _row_title(record: dict[str, Any]) -> str:
+    """A grid row's title: the image name, its true class (``--dataset``) and each model's predicted class."""
+    lines = [record["image"]]
+    if "label" in record:
+        lines.append(f"true: {record.get('class_name') or record['label']}")
+    for label, result in record["models"].items():
+        who = "pred" if len(record["models"]) == 1 else label.split(":", 1)[0]
+        lines.append(f"{who}: {result.get('class_name') or result['prediction']}")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -344,12 +370,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for index, (checkpoint, model_name, weight_file) in enumerate(sources):
         model, info = load_model(checkpoint, model_name, weight_file, plan["model_args"])
         model.to(device)
-        images, names, boxes, mean, std = _model_images(args, model, info, plan["paths"], plan["boxes"])
+        images, names, boxes, mean, std, labels = _model_images(args, model, info, plan["paths"], plan["boxes"])
         images = images.to(device)
+        class_names = list(info.get("class_names") or [])
         if not records:
             records = [{"image": name, "models": {}} for name in names]
             for record, path in zip(records, plan["paths"], strict=False):
                 record["path"] = str(path)
+            for record, true in zip(records, [] if labels is None else labels.tolist(), strict=False):
+                record["label"] = int(true)
+                record["class_name"] = class_names[true] if true < len(class_names) else None
             shown = dict(images=images[: args.grid_images].cpu(), mean=mean, std=std,
                          boxes=None if boxes is None else boxes[: args.grid_images])  # fmt: skip
         label = info["name"] if len(sources) == 1 else f"{index}:{info['name']}"
@@ -361,7 +391,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"(0 to {logits.shape[1] - 1})"
             )
         probs = logits.float().softmax(dim=-1)
-        class_names = list(info.get("class_names") or [])
         for i, rec in enumerate(records):
             pred = int(probs[i].argmax())
             rec["models"][label] = {
@@ -406,9 +435,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not grid_maps:
         reasons = "; ".join(f"{s['model']}:{s['method']}: {s['reason']}" for s in skipped)
         raise NotApplicableError(f"no method applies to any model: {reasons}")
+    titles = [_row_title(r) for r in records[: len(shown["images"])]]
     method_grid(
-        shown["images"], grid_maps, out / "grid.png", row_titles=[r["image"] for r in records[: len(shown["images"])]],
-        boxes=shown["boxes"], cmap=args.cmap, alpha=args.alpha, mean=shown["mean"], std=shown["std"],
+        shown["images"], grid_maps, out / "grid.png", row_titles=titles, boxes=shown["boxes"], cmap=args.cmap,
+        alpha=args.alpha, mean=shown["mean"], std=shown["std"],
     )  # fmt: skip
     result = {"methods": list(args.method), "summary": summary, "skipped": skipped, "images": records}
     atomic_write_text(out / "scores.json", json.dumps(result, indent=2) + "\n")

@@ -1,0 +1,137 @@
+"""The main job as a user runs it, timed whole, and the attention maps of the model it trains.
+
+1. ``python train.py fit --config configs/default.yaml`` in a fresh process on a quiet machine: wall time (start-up,
+   training, validation, the final test and the export included), training images/s, epochs, test top-1/top-5 (the
+   checkpoint selected on the validation hold-out, evaluated once on the test split).
+2. ``vision-attn explain`` on the exported model over the 1,000 embedded test images: pointing game, energy in box and
+   deletion AUC of rollout, gradient rollout, last-layer attention and a random baseline.
+3. The figure (six test images, true and predicted class, the maps) with ``vision-attn explain --limit 6``.
+
+Usage::
+
+    python benchmarks/main_job.py                 # ~6 minutes; prints the tables
+    python benchmarks/main_job.py --write-docs    # also rewrites README.md / docs and assets/explain_grid.png
+
+``--write-docs`` refuses to write when the machine was not quiet before the run (see ``_machine.settle``);
+``--allow-load`` overrides, for experiments only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from _machine import REPO, settle, write_block  # benchmarks/ is on sys.path when run
+
+from vision_attn._io import atomic_write_bytes, atomic_write_text
+
+RUN_DIR = REPO / "runs" / "bench_main_job"
+METHODS = ("rollout", "gradient_rollout", "attention", "random")
+
+
+def run(cmd: list[str]) -> float:
+    """Run ``cmd`` in the repository with albumentations kept offline; returns its wall time in seconds."""
+    print("$", " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
+    return time.perf_counter() - start
+
+
+def main_job(extra: list[str]) -> dict[str, Any]:
+    """Train the default config once; returns its ``summary.json`` plus the process wall time and run folder."""
+    started = time.time()
+    wall = run([sys.executable, "train.py", "fit", "--config", "configs/default.yaml", f"--run_dir={RUN_DIR}", *extra])
+    summaries = [p for p in RUN_DIR.glob("version_*/summary.json") if p.stat().st_mtime >= started]
+    if not summaries:
+        raise RuntimeError(f"the main job wrote no summary.json under {RUN_DIR}")
+    path = max(summaries, key=lambda p: p.stat().st_mtime)
+    return {**json.loads(path.read_text()), "process_seconds": round(wall, 1), "run_folder": str(path.parent)}
+
+
+def explain_scores(export: Path, out: Path) -> dict[str, dict[str, float]]:
+    """Mean scores per method of ``vision-attn explain`` on the whole test split; returns ``{method: {score: v}}``."""
+    run([sys.executable, "-m", "vision_attn.cli", "explain", "--checkpoint", str(export), "--dataset",
+         "cluttered_fashion_mnist:test", "--method", *METHODS, "--scores", "pointing_game", "energy_pointing",
+         "deletion_auc", "--no-overlays", "--batch-size", "250", "--out", str(out)])  # fmt: skip
+    return json.loads((out / "scores.json").read_text())["summary"]
+
+
+def figure(export: Path, out: Path) -> Path:
+    """The image x method grid of six test images; returns the path of ``grid.png``."""
+    run([sys.executable, "-m", "vision_attn.cli", "explain", "--checkpoint", str(export), "--dataset",
+         "cluttered_fashion_mnist:test", "--limit", "6", "--method", *METHODS[:3], "--scores", "energy_pointing",
+         "--steps", "0", "--no-overlays", "--out", str(out)])  # fmt: skip
+    return out / "grid.png"
+
+
+def job_table(summary: dict[str, Any], load: dict[str, Any]) -> str:
+    """Markdown table of the main job's figures."""
+    test = summary.get("test", {}).get("metrics", {})
+    minutes, seconds = divmod(round(summary["process_seconds"]), 60)
+    rows = [
+        ("wall time, whole process (start-up, training, validation, test, export)", f"**{minutes} min {seconds} s**"),
+        ("fit time (training + validation)", f"{summary['fit_seconds']:.0f} s"),
+        ("epochs / optimizer steps", f"{summary['epochs']} / {summary['global_step']}"),
+        ("training images/s", f"{summary['train_images_per_second']:.0f}"),
+        ("parameters", f"{summary['num_parameters'] / 1e6:.2f}M"),
+        ("test top-1 / top-5 (1,000 images, once, best checkpoint by val/acc1)",
+         f"**{100 * test.get('test/acc1', float('nan')):.1f} %** / {100 * test.get('test/acc5', float('nan')):.1f} %"),
+        ("1-minute load average before the run (2 cores)", f"{load['loadavg'][0]}"),
+    ]  # fmt: skip
+    return "\n".join(["| main job (`configs/default.yaml`) | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]])
+
+
+def scores_table(scores: dict[str, dict[str, float]]) -> str:
+    """Markdown table of the attention-map scores."""
+    lines = ["| method | pointing game ↑ | energy in box ↑ | deletion AUC ↓ |", "|---|---|---|---|"]
+    for method in METHODS:
+        s = scores.get(method, {})
+        lines.append(
+            f"| {method} | {s.get('pointing_game', float('nan')):.3f} | {s.get('energy_pointing', float('nan')):.3f} "
+            f"| {s.get('deletion_auc', float('nan')):.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the main job, score its maps, draw the figure; returns the exit code."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--max-load", type=float, default=1.0, help="1-minute load average that counts as quiet")
+    parser.add_argument("--settle", type=float, default=240.0, help="seconds to wait for a quiet machine")
+    parser.add_argument("--allow-load", action="store_true", help="write docs even if the machine was busy")
+    parser.add_argument("--write-docs", action="store_true", help="rewrite README/docs tables and the figure")
+    parser.add_argument("extra", nargs="*", help="more train.py overrides, after --")
+    args = parser.parse_args(argv)
+
+    load = settle(args.max_load, args.settle)
+    print(f"load before the run: {load}", flush=True)
+    summary = main_job(args.extra)
+    export = Path(summary["run_folder"]) / "export"
+    scores = explain_scores(export, Path(summary["run_folder"]) / "explain")
+    grid = figure(export, Path(summary["run_folder"]) / "explain_figure")
+    texts = {"main_job": job_table(summary, load), "explain_scores": scores_table(scores)}
+    atomic_write_text(RUN_DIR / "bench_main_job.json", json.dumps({"load": load, "summary": summary, "scores": scores}))
+    print("\n\n".join(texts.values()))
+    if args.write_docs:
+        if not load["quiet"] and not args.allow_load:
+            print(f"not writing docs: the machine was busy before the run ({load}); rerun on an idle machine",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        made_by = "\n\nMade by `python benchmarks/main_job.py --write-docs`."
+        write_block("main_job", texts["main_job"] + made_by, [REPO / "README.md", REPO / "docs" / "training.md"])
+        write_block(
+            "explain_scores", texts["explain_scores"] + made_by, [REPO / "README.md", REPO / "docs" / "explain.md"]
+        )
+        atomic_write_bytes(REPO / "assets" / "explain_grid.png", grid.read_bytes())
+        print("updated assets/explain_grid.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

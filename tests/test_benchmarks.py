@@ -1,0 +1,109 @@
+"""The benchmark scripts that write the numbers in README/docs: the docs-block writer, the quiet-machine gate, and
+``benchmarks/train_default.py`` end to end with a tiny time box (``slow``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import _machine  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+
+
+def test_write_block_replaces_only_the_marked_block(tmp_path: Path) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text(
+        "intro\n<!-- t:start -->\nold table\n<!-- t:end -->\noutro\n<!-- u:start -->\nkeep\n<!-- u:end -->\n"
+    )
+    _machine.write_block("t", "| new |", [doc])
+    text = doc.read_text()
+    assert "old table" not in text
+    assert "<!-- t:start -->\n| new |\n<!-- t:end -->" in text
+    assert text.startswith("intro\n")
+    assert "outro" in text
+    assert "keep" in text
+
+
+def test_write_block_refuses_a_file_without_the_block(tmp_path: Path) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text("no markers here\n")
+    with pytest.raises(RuntimeError, match="no <!-- t:start -->"):
+        _machine.write_block("t", "x", [doc])
+    assert doc.read_text() == "no markers here\n"
+
+
+def test_docs_carry_every_block_the_benchmarks_write() -> None:
+    blocks = {
+        "main_job": ["README.md", "docs/training.md"],
+        "explain_scores": ["README.md", "docs/explain.md"],
+        "train_default": ["README.md", "docs/training.md"],
+        "pipeline_overhead": ["docs/training.md"],
+    }
+    for name, files in blocks.items():
+        for file in files:
+            text = (REPO / file).read_text()
+            assert f"<!-- {name}:start -->" in text, (name, file)
+            assert f"<!-- {name}:end -->" in text, (name, file)
+
+
+def test_settle_reports_a_busy_machine_as_not_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_machine, "cpu_busy", lambda seconds=5.0: 0.9)
+    monkeypatch.setattr(_machine.time, "sleep", lambda seconds: None)
+    record = _machine.settle(max_load=1e9, timeout=0.0)
+    assert record["quiet"] is False
+    assert record["cpu_busy"] == 0.9
+    assert len(record["loadavg"]) == 3
+    monkeypatch.setattr(_machine, "cpu_busy", lambda seconds=5.0: 0.0)
+    assert _machine.settle(max_load=1e9, timeout=0.0)["quiet"] is True
+
+
+def test_train_default_table_lists_every_map_method() -> None:
+    import train_default
+
+    row = {
+        "model": "default", "params": 337035, "test_acc1": 0.8, "train_images_per_second": 250.0, "epochs": 3,
+        "load": {"loadavg": [0.1, 0.2, 0.3]},
+        "maps": {"rollout": {"pointing_game": 0.9, "energy_in_box": 0.5},
+                 "gradient_rollout": {"pointing_game": 0.8, "energy_in_box": 0.6}},
+    }  # fmt: skip
+    cnn = {**row, "model": "resnet18", "maps": {}}
+    text = train_default.table([row, cnn], "00:00:01:00")
+    assert "| rollout / gradient_rollout | 0.9 / 0.8 | 0.5 / 0.6 |" in text
+    assert "**80.0 %**" in text
+    assert "| — | — | — |" in text
+
+
+@pytest.mark.slow
+def test_train_default_runs_with_a_tiny_time_box_and_refuses_docs_on_a_busy_machine(tmp_path: Path) -> None:
+    readme = (REPO / "README.md").read_text()
+    cmd = [
+        sys.executable, str(REPO / "benchmarks" / "train_default.py"), "--models", "default", "va_resnet18_cbam",
+        "--max-time", "00:00:00:15", "--settle", "0", "--max-load", "0", "--runs", str(tmp_path), "--write-docs",
+    ]  # fmt: skip
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    # load 0 is never "quiet": the numbers are printed and saved, but the docs are left alone
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "not writing docs" in proc.stderr
+    assert (REPO / "README.md").read_text() == readme
+    results = json.loads((tmp_path / "bench_train_default.json").read_text())
+    assert [r["model"] for r in results] == ["default", "va_resnet18_cbam"]
+    for r in results:
+        assert 0.0 <= r["test_acc1"] <= 1.0
+        assert r["epochs"] >= 1
+        assert r["train_images_per_second"] > 0
+        assert r["load"]["quiet"] is False
+        assert Path(r["tested_checkpoint"]).is_file()
+        assert str(tmp_path) in r["tested_checkpoint"]
+    assert set(results[0]["maps"]) == {"rollout", "gradient_rollout"}
+    assert set(results[1]["maps"]) == {"spatial"}
+    for scores in (*results[0]["maps"].values(), *results[1]["maps"].values()):
+        assert 0.0 <= scores["pointing_game"] <= 1.0
+        assert 0.0 <= scores["energy_in_box"] <= 1.0
