@@ -9,6 +9,7 @@ ratio (onnxruntime / eager) is the number to read. Usage::
     python benchmarks/onnx_runtime.py              # full settings
     python benchmarks/onnx_runtime.py --quick      # fewer repeats
     python benchmarks/onnx_runtime.py --model va_resnet18_se_32 --batch 1 32
+    python benchmarks/onnx_runtime.py --write-docs   # rewrites docs/benchmarks.md (quiet machine only)
 """
 
 from __future__ import annotations
@@ -16,20 +17,22 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import yaml
-from _timing import time_inference  # benchmarks/ is on sys.path when run
+from _machine import REPO, settle, write_block  # benchmarks/ is on sys.path when run
+from _timing import time_inference
 
 import vision_attn
 from vision_attn.data.datasets import DATASETS
 from vision_attn.export import write_export
 from vision_attn.models import model_input_size
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 
 
 def default_model() -> tuple[str, dict, tuple[int, int, int]]:
@@ -61,13 +64,18 @@ def bench(model: torch.nn.Module, session, x: torch.Tensor, repeats: int) -> tup
     return x.shape[0] / statistics.median(times["eager"]), x.shape[0] / statistics.median(times["onnxruntime"])
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model name (default: the one in configs/default.yaml)")
     parser.add_argument("--model-args", default="{}", help="JSON model arguments for --model")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 64], help="batch sizes")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (noisier)")
+    parser.add_argument("--max-load", type=float, default=1.0, help="1-minute load average that counts as quiet")
+    parser.add_argument("--settle", type=float, default=120.0, help="seconds to wait for a quiet machine")
+    parser.add_argument("--write-docs", action="store_true", help="rewrite the table in docs/benchmarks.md")
     args = parser.parse_args()
+    if args.write_docs and args.model is not None:
+        parser.error("--write-docs writes the default model's numbers; leave out --model")
     import onnxruntime  # the export extra: pip install -e ".[export]"
 
     torch.manual_seed(0)
@@ -86,16 +94,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         result = write_export(model, Path(tmp) / "export", ("onnx",))
         session = onnxruntime.InferenceSession(str(result.files["onnx"]), options, providers=["CPUExecutionProvider"])
-        print(f"{name} {model_args}, input {input_size}; torch {torch.__version__}, onnxruntime "
-              f"{onnxruntime.__version__}, {threads} threads each, median of {repeats} alternating runs; ONNX logits "
-              f"match eager within {result.max_abs_diff['onnx']:.1g}")  # fmt: skip
-        print("| batch | eager PyTorch img/s | ONNX Runtime img/s | ratio (onnxruntime/eager) |")
-        print("|---:|---:|---:|---:|")
+        load = settle(args.max_load, args.settle)
+        lines = [
+            f"`{name}` {model_args}, input {input_size}; torch {torch.__version__}, onnxruntime "
+            f"{onnxruntime.__version__}, {threads} threads each, median of {repeats} alternating runs; ONNX logits "
+            f"match eager within {result.max_abs_diff['onnx']:.1g}; 1-minute load average before: {load['loadavg'][0]}",
+            "",
+            "| batch | eager PyTorch img/s | ONNX Runtime img/s | ratio (onnxruntime/eager) |",
+            "|---:|---:|---:|---:|",
+        ]  # fmt: skip
+        print("\n".join(lines), flush=True)
         for batch in args.batch:
             x = torch.randn(batch, *input_size)
             eager_ips, ort_ips = bench(model, session, x, repeats)
-            print(f"| {batch} | {eager_ips:.1f} | {ort_ips:.1f} | {ort_ips / eager_ips:.2f} |")
+            lines.append(f"| {batch} | {eager_ips:.1f} | {ort_ips:.1f} | {ort_ips / eager_ips:.2f} |")
+            print(lines[-1], flush=True)
+    if args.write_docs:
+        if not load["quiet"]:
+            print(f"not writing docs: the machine was busy ({load}); rerun on an idle machine", file=sys.stderr)
+            return 1
+        command = "python benchmarks/onnx_runtime.py --write-docs" + (" --quick" if args.quick else "")
+        write_block("onnx_runtime", "\n".join(lines) + f"\n\nMade by `{command}`.", [REPO / "docs" / "benchmarks.md"])
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

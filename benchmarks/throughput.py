@@ -5,14 +5,17 @@ Runs alternate between the two models and report medians, so machine noise hits 
 
     python benchmarks/throughput.py            # full settings
     python benchmarks/throughput.py --quick    # fewer repeats
+    python benchmarks/throughput.py --write-docs   # also rewrite the table in docs/benchmarks.md (quiet machine only)
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 
 import torch
+from _machine import REPO, settle, write_block  # benchmarks/ is on sys.path when run
 from _timing import time_inference, time_training  # benchmarks/ is on sys.path when run
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
@@ -51,18 +54,35 @@ def bench(name: str, cfg: dict, repeats: int) -> dict[str, float]:
     return results
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (noisier)")
+    parser.add_argument("--max-load", type=float, default=1.0, help="1-minute load average that counts as quiet")
+    parser.add_argument("--settle", type=float, default=120.0, help="seconds to wait for a quiet machine")
+    parser.add_argument("--write-docs", action="store_true", help="rewrite the table in docs/benchmarks.md")
     args = parser.parse_args()
     repeats = 5 if args.quick else 15
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {repeats} alternating runs")
-    print("| config | mode | timm img/s | vision_attn img/s | ratio (ours/timm) |")
-    print("|---|---|---:|---:|---:|")
+    load = settle(args.max_load, args.settle)
+    lines = [
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {repeats} alternating runs, "
+        f"same weights in both models; 1-minute load average before: {load['loadavg'][0]}",
+        "",
+        "| config | mode | timm img/s | vision_attn img/s | ratio (ours/timm) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    print("\n".join(lines), flush=True)
     for name, cfg in CONFIGS.items():
         for mode, (timm_ips, ours_ips) in bench(name, cfg, repeats).items():
-            print(f"| {name} | {mode} | {timm_ips:.1f} | {ours_ips:.1f} | {ours_ips / timm_ips:.3f} |")
+            lines.append(f"| {name} | {mode} | {timm_ips:.1f} | {ours_ips:.1f} | {ours_ips / timm_ips:.3f} |")
+            print(lines[-1], flush=True)
+    if args.write_docs:
+        if not load["quiet"]:
+            print(f"not writing docs: the machine was busy ({load}); rerun on an idle machine", file=sys.stderr)
+            return 1
+        command = "python benchmarks/throughput.py --write-docs" + (" --quick" if args.quick else "")
+        write_block("throughput", "\n".join(lines) + f"\n\nMade by `{command}`.", [REPO / "docs" / "benchmarks.md"])
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

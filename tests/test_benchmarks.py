@@ -45,6 +45,8 @@ def test_docs_carry_every_block_the_benchmarks_write() -> None:
         "explain_scores": ["README.md", "docs/explain.md"],
         "train_default": ["README.md", "docs/training.md"],
         "pipeline_overhead": ["docs/training.md"],
+        "throughput": ["docs/benchmarks.md"],
+        "onnx_runtime": ["docs/benchmarks.md"],
     }
     for name, files in blocks.items():
         for file in files:
