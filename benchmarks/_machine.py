@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -56,3 +57,13 @@ def write_block(name: str, text: str, files: list[Path]) -> None:
             raise RuntimeError(f"{path} has no {start} ... {end} block to update")
         atomic_write_text(path, block.sub(lambda _: f"{start}\n{text}\n{end}", content))
         print(f"updated {path}")
+
+
+def publish(name: str, text: str, files: list[Path], load: dict[str, Any], allow_load: bool = False) -> int:
+    """Write ``text`` into the ``name`` blocks of ``files`` if the machine was quiet (``load`` from :func:`settle`)
+    or ``allow_load``; else say why not. Returns the exit code (0 written, 1 refused)."""
+    if not load["quiet"] and not allow_load:
+        print(f"not writing docs: the machine was busy ({load}); rerun on an idle machine", file=sys.stderr)
+        return 1
+    write_block(name, text, files)
+    return 0

@@ -23,14 +23,13 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import yaml
-from _machine import REPO, settle, write_block  # benchmarks/ is on sys.path when run
+from _machine import REPO, publish, settle  # benchmarks/ is on sys.path when run
 from timm.optim import param_groups_weight_decay
 from torch.nn import functional as F
 
@@ -114,13 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     ])  # fmt: skip
     print("\n" + text)
     if args.write_docs:
-        if not load["quiet"] and not args.allow_load:
-            print(f"not writing docs: the machine was busy ({load}); rerun on an idle machine", file=sys.stderr)
-            return 1
         made_by = (
             f"\n\nMade by `python benchmarks/pipeline_overhead.py --write-docs` (load before: {load['loadavg'][0]})."
         )
-        write_block("pipeline_overhead", text + made_by, [REPO / "docs" / "training.md"])
+        return publish("pipeline_overhead", text + made_by, [REPO / "docs" / "training.md"], load, args.allow_load)
     return 0
 
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 
 import torch
-from _machine import REPO, settle, write_block  # benchmarks/ is on sys.path when run
+from _machine import REPO, publish, settle  # benchmarks/ is on sys.path when run
 from _timing import time_inference, time_training  # benchmarks/ is on sys.path when run
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
@@ -76,11 +75,10 @@ def main() -> int:
             lines.append(f"| {name} | {mode} | {timm_ips:.1f} | {ours_ips:.1f} | {ours_ips / timm_ips:.3f} |")
             print(lines[-1], flush=True)
     if args.write_docs:
-        if not load["quiet"]:
-            print(f"not writing docs: the machine was busy ({load}); rerun on an idle machine", file=sys.stderr)
-            return 1
         command = "python benchmarks/throughput.py --write-docs" + (" --quick" if args.quick else "")
-        write_block("throughput", "\n".join(lines) + f"\n\nMade by `{command}`.", [REPO / "docs" / "benchmarks.md"])
+        return publish(
+            "throughput", "\n".join(lines) + f"\n\nMade by `{command}`.", [REPO / "docs" / "benchmarks.md"], load
+        )
     return 0
 
 

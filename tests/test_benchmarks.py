@@ -109,3 +109,15 @@ def test_train_default_runs_with_a_tiny_time_box_and_refuses_docs_on_a_busy_mach
     for scores in (*results[0]["maps"].values(), *results[1]["maps"].values()):
         assert 0.0 <= scores["pointing_game"] <= 1.0
         assert 0.0 <= scores["energy_in_box"] <= 1.0
+
+
+def test_publish_writes_only_after_a_quiet_run(tmp_path: Path, capsys) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- t:start -->\nold\n<!-- t:end -->\n")
+    busy = {"loadavg": [1.9, 1.5, 1.2], "cpu_busy": 0.8, "quiet": False}
+    assert _machine.publish("t", "new", [doc], busy) == 1
+    assert "not writing docs" in capsys.readouterr().err
+    assert "old" in doc.read_text()
+    assert _machine.publish("t", "new", [doc], busy, allow_load=True) == 0
+    assert _machine.publish("t", "newer", [doc], {**busy, "quiet": True}) == 0
+    assert doc.read_text() == "<!-- t:start -->\nnewer\n<!-- t:end -->\n"

@@ -49,6 +49,7 @@ def unbroken(tmp_path_factory) -> dict:
     return train(out)
 
 
+@pytest.mark.slow  # determinism is also implied by the resume test below, which must match the same unbroken run
 def test_same_seed_same_metrics(unbroken, tmp_path):
     again = train(tmp_path / "run")
     assert unbroken["global_step"] == 2 * STEPS_PER_EPOCH
