@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vision_attn._cli import json_object_option
 from vision_attn._io import atomic_write_text, check_writable_dir
 from vision_attn.data.images import (
     channel_stats,
@@ -276,12 +277,7 @@ def _check_arguments(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--limit {args.limit} applies to --dataset only; with --images, list the files you want")
     if args.img_size is not None and len(args.img_size) > 2:
         raise ValueError(f"--img-size takes N or H W, got {len(args.img_size)} values {args.img_size}")
-    try:
-        model_args = json.loads(args.model_args)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--model-args {args.model_args!r} is not valid JSON: {err}") from err
-    if not isinstance(model_args, dict):
-        raise ValueError(f"--model-args must be a JSON object such as '{{\"num_classes\": 10}}', got {model_args!r}")
+    model_args = json_object_option(args.model_args, "--model-args")
     sources: list[tuple[str | None, str | None, str | None]] = [(c, None, None) for c in args.checkpoint]
     if len(args.weights) > len(args.model):
         raise ValueError(f"{len(args.weights)} --weights for {len(args.model)} --model")

@@ -11,11 +11,11 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from vision_attn._cli import json_object_option
 from vision_attn._io import check_writable_dir
 from vision_attn.export.api import FORMATS, export_trained
 
@@ -65,12 +65,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict]:
             raise ValueError("give exactly one of --checkpoint PATH or --weights FILE (with --model NAME)")
         if args.model is not None and args.checkpoint is not None:
             raise ValueError("--model goes with --weights; a --checkpoint names its own model")
-        try:
-            model_args = json.loads(args.model_args)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--model-args {args.model_args!r} is not JSON: {err}") from err
-        if not isinstance(model_args, dict):
-            raise ValueError(f"--model-args must be a JSON object of keyword arguments, got {args.model_args}")
+        model_args = json_object_option(args.model_args, "--model-args")
         unknown = [f for f in args.formats if f not in FORMATS]
         if unknown:
             raise ValueError(f"--formats {unknown} unknown; expected one or more of {', '.join(FORMATS)}")
