@@ -86,9 +86,10 @@ def train(model: str, max_time: str, extra: list[str], runs: Path) -> dict[str, 
     return summary
 
 
-def map_scores(checkpoint: str, method: str) -> dict[str, float]:
-    """Pointing game and energy in box of ``method``'s maps on the 1,000 embedded test images, for the network of a
-    training checkpoint (gradient methods explain the predicted class)."""
+def map_scores(checkpoint: str, methods: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Pointing game and energy in box of each method's maps on the 1,000 embedded test images, for the network of a
+    training checkpoint (gradient methods explain the predicted class); ``{method: scores}``. The network and the
+    test split are loaded once for all methods."""
     import torch
 
     from vision_attn import load_trained
@@ -96,18 +97,22 @@ def map_scores(checkpoint: str, method: str) -> dict[str, float]:
     from vision_attn.explain import explain
     from vision_attn.explain.metrics import energy_pointing, pointing_game
 
+    if not methods:
+        return {}
     net, _ = load_trained(checkpoint)  # the EMA weights when the run kept them, as the export
     data = ImageDataModule(num_workers=0, eval_batch_size=100)
     data.setup("test")
     boxes = torch.as_tensor(ClutteredFashionMNIST("test").boxes)
-    pointing, energy = [], []
+    pointing: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
+    energy: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
     for i, (images, _) in enumerate(data.test_dataloader()):
-        maps = explain(net, images, method)
         rows = boxes[i * 100 : i * 100 + len(images)]
-        pointing.append(pointing_game(maps, rows))
-        energy.append(energy_pointing(maps, rows))
-    return {"pointing_game": round(torch.cat(pointing).mean().item(), 3),
-            "energy_in_box": round(torch.cat(energy).mean().item(), 3)}  # fmt: skip
+        for method in methods:
+            maps = explain(net, images, method)
+            pointing[method].append(pointing_game(maps, rows))
+            energy[method].append(energy_pointing(maps, rows))
+    return {m: {"pointing_game": round(torch.cat(pointing[m]).mean().item(), 3),
+                "energy_in_box": round(torch.cat(energy[m]).mean().item(), 3)} for m in methods}  # fmt: skip
 
 
 def table(results: list[dict[str, Any]], max_time: str) -> str:
@@ -160,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             "process_seconds": summary["process_seconds"],
         }
         if summary.get("best_model_path"):
-            result["maps"] = {method: map_scores(summary["best_model_path"], method) for method in methods}
+            result["maps"] = map_scores(summary["best_model_path"], methods)
         results.append(result)
         print(json.dumps(result), flush=True)
 
