@@ -137,7 +137,6 @@ class ImageClassifier(L.LightningModule):
             self.ema.requires_grad_(False)  # updated by copying, never by the optimizer (and invisible to DDP)
 
         top5 = min(5, self.num_classes)
-        self.train_acc1 = MulticlassAccuracy(self.num_classes, top_k=1)
         self.val_acc1 = MulticlassAccuracy(self.num_classes, top_k=1)
         self.val_acc5 = MulticlassAccuracy(self.num_classes, top_k=top5)
         self.test_acc1 = MulticlassAccuracy(self.num_classes, top_k=1)
@@ -215,9 +214,11 @@ class ImageClassifier(L.LightningModule):
                 "Lower model.lr, set trainer.gradient_clip_val, check the inputs for NaN, or resume from an earlier "
                 "checkpoint with --ckpt_path"
             )
-        self.train_acc1(logits.detach(), targets)
+        # the batch's accuracy as a plain tensor: logging a torchmetrics object every step costs more (Lightning
+        # moves and computes it per call), and a per-step value is all a training log shows
+        acc1 = (logits.detach().argmax(dim=-1) == targets).float().mean()
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc1", self.train_acc1, prog_bar=True)
+        self.log("train/acc1", acc1, prog_bar=True)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
         return loss
 
@@ -256,7 +257,7 @@ class ImageClassifier(L.LightningModule):
 
     # --- optimization -------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW over two parameter groups (decay / no decay) with a per-step warmup + cosine ``LambdaLR``."""
+        """(Fused) AdamW over two parameter groups (decay / no decay) with a per-step warmup + cosine ``LambdaLR``."""
         hp = self.hparams
         no_decay = {name for name, _ in self.net.named_parameters() if name.rsplit(".", 1)[-1] in NO_DECAY_NAMES}
         if hasattr(self.net, "no_weight_decay"):
@@ -264,7 +265,9 @@ class ImageClassifier(L.LightningModule):
         groups = param_groups_weight_decay(self.net, hp.weight_decay, no_weight_decay_list=no_decay)
         for group, decays in zip(groups, (False, True), strict=True):  # timm's order: (no decay, decay)
             group["apply_weight_decay"] = decays  # saved with the optimizer: a resume can set a new weight_decay
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        # the fused kernel (CPU and CUDA) is one op over all tensors: ~5x faster than the per-tensor loop on CPU
+        fused = all(p.device.type in ("cpu", "cuda") for group in groups for p in group["params"]) or None
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=fused)
 
         if hp.schedule == "time" and self._timer() is None:
             raise ValueError("schedule='time' needs a time budget: set trainer.max_time (e.g. '00:00:09:30')")
