@@ -93,7 +93,7 @@ def test_fit_resume_export_and_reload(tmp_path: Path) -> None:
     # export: the EMA network reloads outside Lightning with identical outputs
     out = export_checkpoint(last, tmp_path / "reexport" / "vit.safetensors")
     meta = json.loads(out.with_suffix(".json").read_text())
-    assert meta["model_name"] == "va_vitc_seq_tiny_patch8_64"
+    assert meta["model_name"] == "va_vitc2_seq_tiny_patch8_64"
     assert meta["model_args"]["in_chans"] == 1
     assert len(meta["class_names"]) == 10
     model = vision_attn.create_model(meta["model_name"], checkpoint_path=out).eval()

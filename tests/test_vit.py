@@ -292,10 +292,26 @@ def test_conv_stem_embed_grid_widths_and_errors() -> None:
         ConvStemEmbed(img_size=60, patch_size=6)
     with pytest.raises(ValueError, match=r"stem_chans \[8\] must give 3 positive widths"):
         ConvStemEmbed(patch_size=8, stem_chans=(8,))
+    with pytest.raises(ValueError, match="stem_depth must be an int >= 1"):
+        ConvStemEmbed(patch_size=8, stem_depth=0)
+
+
+def test_conv_stem_embed_two_convs_per_stage_downsample_then_look() -> None:
+    from vision_attn.layers import ConvStemEmbed
+
+    stem = ConvStemEmbed(img_size=64, patch_size=8, in_chans=1, embed_dim=40, stem_chans=(8, 16, 32), stem_depth=2)
+    assert stem(torch.randn(2, 1, 64, 64)).shape == (2, 8, 8, 40)
+    convs = [m for m in stem.modules() if isinstance(m, torch.nn.Conv2d)]
+    layout = [(c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0]) for c in convs]
+    assert layout == [(1, 8, 3, 2), (8, 8, 3, 1), (8, 16, 3, 2), (16, 16, 3, 1), (16, 32, 3, 2), (32, 32, 3, 1),
+                      (32, 40, 1, 1)]  # fmt: skip
 
 
 def test_default_model_pools_by_sequence_attention_over_conv_tokens() -> None:
-    model = vision_attn.create_model("va_vitc_seq_tiny_patch8_64", in_chans=1).eval()
+    model = vision_attn.create_model("va_vitc2_seq_tiny_patch8_64", in_chans=1).eval()
+    convs = [m for m in model.patch_embed.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.stride[0]) for c in convs] == [(16, 2), (16, 1), (32, 2), (32, 1), (64, 2), (64, 1),
+                                                              (96, 1)]  # fmt: skip
     assert model.num_prefix_tokens == 0
     assert model.global_pool == "seq"
     x = torch.randn(3, 1, 64, 64)

@@ -5,8 +5,8 @@
   Small-Size Datasets").
 * :class:`ConvTokenizer` — convolutional tokenizer of CCT (Hassani et al. 2021, "Escaping the Big Data
   Paradigm with Compact Transformers").
-* :class:`ConvStemEmbed` — a stack of stride-2 3x3 conv-BN-ReLU layers and a 1x1 projection in place of the
-  patchify convolution (Xiao et al. 2021, "Early Convolutions Help Transformers See Better").
+* :class:`ConvStemEmbed` — stages of 3x3 conv-BN-ReLU layers (each starting at stride 2) and a 1x1 projection in
+  place of the patchify convolution (Xiao et al. 2021, "Early Convolutions Help Transformers See Better").
 """
 
 from __future__ import annotations
@@ -68,11 +68,14 @@ class PatchEmbed(_PatchGrid):
 
 
 class ConvStemEmbed(_PatchGrid):
-    """Convolutional stem (Xiao et al. 2021): ``log2(patch_size)`` 3x3 stride-2 conv-BN-ReLU layers, then a 1x1 conv
-    to ``embed_dim``; returns ``[B, gh, gw, embed_dim]`` on the same grid as a ``patch_size`` :class:`PatchEmbed`.
+    """Convolutional stem (Xiao et al. 2021): ``log2(patch_size)`` stages of 3x3 conv-BN-ReLU that each halve the
+    resolution, then a 1x1 conv to ``embed_dim``; returns ``[B, gh, gw, embed_dim]`` on the same grid as a
+    ``patch_size`` :class:`PatchEmbed`.
 
-    ``stem_chans`` are the conv widths (one per stride-2 layer; default: ``embed_dim / 2**k``, doubling towards
-    ``embed_dim``). Built from timm's ``ConvStem`` (keys ``proj.0`` ... ``proj.N``).
+    ``stem_chans`` are the stage widths (default: ``embed_dim / 2**k``, doubling towards ``embed_dim``).
+    ``stem_depth`` is the number of 3x3 convs per stage: the first has stride 2, the others stride 1 at the reduced
+    resolution (a quarter of the cost they would have before the downsampling), so ``stem_depth=2`` doubles the
+    stem's depth on the same token grid. Built from timm's ``ConvStem`` (keys ``proj.0`` ... ``proj.N``).
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class ConvStemEmbed(_PatchGrid):
         in_chans: int = 3,
         embed_dim: int = 192,
         stem_chans: Sequence[int] | None = None,
+        stem_depth: int = 1,
         norm_layer: Callable[[int], nn.Module] | None = None,
         bias: bool = True,
     ) -> None:
@@ -92,19 +96,24 @@ class ConvStemEmbed(_PatchGrid):
             or self.patch_size[0] & (self.patch_size[0] - 1)
         ):
             raise ValueError(f"patch_size {self.patch_size} must be square and a power of 2 (>= 2) for ConvStemEmbed")
-        num_layers = self.patch_size[0].bit_length() - 1
+        num_stages = self.patch_size[0].bit_length() - 1
         if stem_chans is None:
-            stem_chans = [max(8, embed_dim // 2 ** (num_layers - i)) for i in range(num_layers)]
+            stem_chans = [max(8, embed_dim // 2 ** (num_stages - i)) for i in range(num_stages)]
         stem_chans = [int(c) for c in stem_chans]
-        if len(stem_chans) != num_layers or min(stem_chans) < 1:
+        if len(stem_chans) != num_stages or min(stem_chans) < 1:
             raise ValueError(
-                f"stem_chans {stem_chans} must give {num_layers} positive widths (one per stride-2 layer of "
+                f"stem_chans {stem_chans} must give {num_stages} positive widths (one per stride-2 stage of "
                 f"patch_size {self.patch_size[0]})"
             )
+        if isinstance(stem_depth, bool) or not isinstance(stem_depth, int) or stem_depth < 1:
+            raise ValueError(f"stem_depth must be an int >= 1 (3x3 convs per stage), got {stem_depth!r}")
         del bias  # the last (1x1) conv has a bias, the others are followed by BatchNorm
+        num_convs = num_stages * stem_depth
         self.proj = ConvStem(
-            in_chans=in_chans, depth=num_layers + 1, channels=(*stem_chans, embed_dim),
-            kernel_size=(3,) * num_layers + (1,), stride=(2,) * num_layers + (1,), padding=(1,) * num_layers + (0,),
+            in_chans=in_chans, depth=num_convs + 1,
+            channels=(*(c for c in stem_chans for _ in range(stem_depth)), embed_dim),
+            kernel_size=(3,) * num_convs + (1,), stride=((2,) + (1,) * (stem_depth - 1)) * num_stages + (1,),
+            padding=(1,) * num_convs + (0,),
         )  # fmt: skip
         self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
 
