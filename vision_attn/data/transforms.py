@@ -36,9 +36,9 @@ def build_train_transform(
     """Return the train pipeline: random resized crop (or resize), shift, flip, colour jitter, coarse dropout.
 
     ``crop_scale=None`` resizes instead of cropping; ``translate`` shifts by a whole number of pixels, up to that
-    fraction of the size (zero padding, then a random crop: a fifth of the cost of an affine warp, which mattered on
-    small images, and no interpolation blur); ``hflip``/``coarse_dropout`` are probabilities; ``color_jitter`` is the strength of
-    brightness/contrast/saturation jitter (0 = off).
+    fraction of the size (zero padding, then a random crop: a quarter of the cost of an affine warp, which mattered
+    on small images, and no interpolation blur); ``hflip``/``coarse_dropout`` are probabilities; ``color_jitter``
+    is the strength of brightness/contrast/saturation jitter (0 = off).
     """
     if img_size <= 0:
         raise ValueError(f"img_size must be positive, got {img_size}")
