@@ -317,6 +317,6 @@ def test_default_model_pools_by_sequence_attention_over_conv_tokens() -> None:
     x = torch.randn(3, 1, 64, 64)
     tokens = model.forward_features(x)
     assert tokens.shape == (3, 64, 96)  # 8x8 tokens of dim 96
-    assert len(model.blocks) == 3
+    assert len(model.blocks) == 2
     weights = model.attn_pool.attention_pool(tokens).softmax(dim=1)  # B, N, 1
     torch.testing.assert_close(model.forward_head(tokens, pre_logits=True), (weights * tokens).sum(dim=1))

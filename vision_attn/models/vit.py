@@ -574,13 +574,13 @@ def va_vitc2_seq_tiny_patch8_64(pretrained: bool = False, **kwargs: Any) -> Visi
 
     The stem (Xiao et al. 2021, "Early Convolutions Help Transformers See Better") has three stages of two 3x3
     conv-BN-ReLU layers (16, 32 and 64 channels; the first of each at stride 2) and a 1x1 projection to an 8x8 token
-    grid; three transformer blocks (dim 96, 3 heads, MLP ratio 2) mix it, and CCT's sequence pooling (Hassani et al.
+    grid; two transformer blocks (dim 96, 3 heads, MLP ratio 2) mix it, and CCT's sequence pooling (Hassani et al.
     2021) reads it out, so no class token is needed and the pooling weights say which tokens the classifier uses.
-    Against :func:`va_vitc_seq_tiny_patch8_64` (one conv per stage, wider) it learns more per epoch on small data
-    for a little more compute per image; chosen by measurement in a 4-minute CPU time box (docs/training.md).
+    Against :func:`va_vitc_seq_tiny_patch8_64` (one conv per stage, wider, three blocks) it learns more per epoch on
+    small data at about the same cost per image; chosen by measurement in a 4-minute CPU time box (docs/training.md).
     """
     args = dict(
-        img_size=64, patch_size=8, embed_dim=96, depth=3, num_heads=3, mlp_ratio=2.0, num_classes=10,
+        img_size=64, patch_size=8, embed_dim=96, depth=2, num_heads=3, mlp_ratio=2.0, num_classes=10,
         class_token=False, global_pool="seq", embed_layer=ConvStemEmbed,
         embed_args=dict(stem_chans=(16, 32, 64), stem_depth=2),
     )  # fmt: skip
