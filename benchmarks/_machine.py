@@ -59,11 +59,19 @@ def write_block(name: str, text: str, files: list[Path]) -> None:
         print(f"updated {path}")
 
 
+def docs_allowed(quiet: bool, allow_load: bool, busy_when: str) -> bool:
+    """Whether numbers may go into the docs: the machine was ``quiet`` (or ``allow_load`` overrides); else say on
+    stderr that it was busy ``busy_when`` and return False."""
+    if quiet or allow_load:
+        return True
+    print(f"not writing docs: the machine was busy {busy_when}; rerun on an idle machine", file=sys.stderr)
+    return False
+
+
 def publish(name: str, text: str, files: list[Path], load: dict[str, Any], allow_load: bool = False) -> int:
     """Write ``text`` into the ``name`` blocks of ``files`` if the machine was quiet (``load`` from :func:`settle`)
     or ``allow_load``; else say why not. Returns the exit code (0 written, 1 refused)."""
-    if not load["quiet"] and not allow_load:
-        print(f"not writing docs: the machine was busy ({load}); rerun on an idle machine", file=sys.stderr)
+    if not docs_allowed(load["quiet"], allow_load, f"({load})"):
         return 1
     write_block(name, text, files)
     return 0

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _machine import REPO, settle, write_block  # benchmarks/ is on sys.path when run
+from _machine import REPO, docs_allowed, settle, write_block  # benchmarks/ is on sys.path when run
 
 from vision_attn._io import atomic_write_bytes, atomic_write_text
 
@@ -119,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(RUN_DIR / "bench_main_job.json", json.dumps({"load": load, "summary": summary, "scores": scores}))
     print("\n\n".join(texts.values()))
     if args.write_docs:
-        if not load["quiet"] and not args.allow_load:
-            print(f"not writing docs: the machine was busy before the run ({load}); rerun on an idle machine",
-                  file=sys.stderr)  # fmt: skip
+        if not docs_allowed(load["quiet"], args.allow_load, f"before the run ({load})"):
             return 1
         made_by = "\n\nMade by `python benchmarks/main_job.py --write-docs`."
         write_block("main_job", texts["main_job"] + made_by, [REPO / "README.md", REPO / "docs" / "training.md"])

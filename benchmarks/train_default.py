@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _machine import REPO, settle, write_block  # benchmarks/ is on sys.path when run
+from _machine import REPO, docs_allowed, settle, write_block  # benchmarks/ is on sys.path when run
 
 from vision_attn._io import atomic_write_text
 
@@ -176,9 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + text + f"\n\n(written to {out})")
     if args.write_docs:
         busy = [r["model"] for r in results if not r["load"]["quiet"]]
-        if busy and not args.allow_load:
-            print(f"not writing docs: the machine was busy before {busy} (see 'load'); rerun on an idle machine",
-                  file=sys.stderr)  # fmt: skip
+        if not docs_allowed(not busy, args.allow_load, f"before {busy} (see 'load')"):
             return 1
         command = "python benchmarks/train_default.py --write-docs" + (
             f" --max-time {args.max_time}" if args.max_time != "00:00:04:00" else ""

@@ -121,3 +121,10 @@ def test_publish_writes_only_after_a_quiet_run(tmp_path: Path, capsys) -> None:
     assert _machine.publish("t", "new", [doc], busy, allow_load=True) == 0
     assert _machine.publish("t", "newer", [doc], {**busy, "quiet": True}) == 0
     assert doc.read_text() == "<!-- t:start -->\nnewer\n<!-- t:end -->\n"
+
+
+def test_docs_allowed_names_when_the_machine_was_busy(capsys) -> None:
+    assert _machine.docs_allowed(True, False, "before x")
+    assert _machine.docs_allowed(False, True, "before x")
+    assert not _machine.docs_allowed(False, False, "before ['resnet18']")
+    assert "not writing docs: the machine was busy before ['resnet18']; rerun" in capsys.readouterr().err
