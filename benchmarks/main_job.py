@@ -4,7 +4,7 @@
    training, validation, the final test and the export included), training images/s, epochs, test top-1/top-5 (the
    checkpoint selected on the validation hold-out, evaluated once on the test split).
 2. ``vision-attn explain`` on the exported model over the 1,000 embedded test images: pointing game, energy in box and
-   deletion AUC of rollout, gradient rollout, last-layer attention and a random baseline.
+   deletion AUC of rollout, gradient rollout, last-layer attention and a random baseline, overall and per true class.
 3. The figure (six test images, true and predicted class, the maps) with ``vision-attn explain --limit 6``.
 
 Usage::
@@ -54,12 +54,14 @@ def main_job(extra: list[str]) -> dict[str, Any]:
     return {**json.loads(path.read_text()), "process_seconds": round(wall, 1), "run_folder": str(path.parent)}
 
 
-def explain_scores(export: Path, out: Path) -> dict[str, dict[str, float]]:
-    """Mean scores per method of ``vision-attn explain`` on the whole test split; returns ``{method: {score: v}}``."""
+def explain_scores(export: Path, out: Path) -> dict[str, Any]:
+    """Scores of ``vision-attn explain`` on the whole test split: its ``scores.json`` without the per-image records
+    (``summary``: ``{method: {score: mean}}``; ``summary_per_class``: ``{method: {class: {score: mean}}}``)."""
     run([sys.executable, "-m", "vision_attn.cli", "explain", "--checkpoint", str(export), "--dataset",
          "cluttered_fashion_mnist:test", "--method", *METHODS, "--scores", "pointing_game", "energy_pointing",
          "deletion_auc", "--no-overlays", "--batch-size", "250", "--out", str(out)])  # fmt: skip
-    return json.loads((out / "scores.json").read_text())["summary"]
+    result = json.loads((out / "scores.json").read_text())
+    return {"summary": result["summary"], "summary_per_class": result.get("summary_per_class", {})}
 
 
 def figure(export: Path, out: Path) -> Path:
@@ -99,6 +101,18 @@ def scores_table(scores: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def per_class_table(per_class: dict[str, dict[str, dict[str, float]]], score: str = "pointing_game") -> str:
+    """Markdown table of one score per true class (columns) for the attention methods (rows)."""
+    methods = [m for m in METHODS if m in per_class and m != "random"]
+    classes = list(per_class[methods[0]]) if methods else []
+    lines = [f"| {score.replace('_', ' ')} per true class | " + " | ".join(classes) + " |",
+             "|---" * (len(classes) + 1) + "|"]  # fmt: skip
+    for method in methods:
+        row = per_class[method]
+        lines.append(f"| {method} | " + " | ".join(f"{row[c].get(score, float('nan')):.2f}" for c in classes) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the main job, score its maps, draw the figure; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -115,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     export = Path(summary["run_folder"]) / "export"
     scores = explain_scores(export, Path(summary["run_folder"]) / "explain")
     grid = figure(export, Path(summary["run_folder"]) / "explain_figure")
-    texts = {"main_job": job_table(summary, load), "explain_scores": scores_table(scores)}
+    texts = {
+        "main_job": job_table(summary, load),
+        "explain_scores": scores_table(scores["summary"]),
+        "explain_per_class": per_class_table(scores["summary_per_class"]),
+    }
     atomic_write_text(RUN_DIR / "bench_main_job.json", json.dumps({"load": load, "summary": summary, "scores": scores}))
     print("\n\n".join(texts.values()))
     if args.write_docs:
@@ -126,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         write_block(
             "explain_scores", texts["explain_scores"] + made_by, [REPO / "README.md", REPO / "docs" / "explain.md"]
         )
+        write_block("explain_per_class", texts["explain_per_class"] + made_by, [REPO / "docs" / "explain.md"])
         atomic_write_bytes(REPO / "assets" / "explain_grid.png", grid.read_bytes())
         print("updated assets/explain_grid.png")
     return 0

@@ -43,6 +43,7 @@ def test_docs_carry_every_block_the_benchmarks_write() -> None:
     blocks = {
         "main_job": ["README.md", "docs/training.md"],
         "explain_scores": ["README.md", "docs/explain.md"],
+        "explain_per_class": ["docs/explain.md"],
         "train_default": ["README.md", "docs/training.md"],
         "pipeline_overhead": ["docs/training.md"],
         "throughput": ["docs/benchmarks.md"],
@@ -80,6 +81,20 @@ def test_train_default_table_lists_every_map_method() -> None:
     assert "| rollout / gradient_rollout | 0.9 / 0.8 | 0.5 / 0.6 |" in text
     assert "**80.0 %**" in text
     assert "| — | — | — |" in text
+
+
+def test_main_job_per_class_table_has_one_row_per_attention_method() -> None:
+    import main_job
+
+    per_class = {
+        m: {"T-shirt": {"images": 2, "pointing_game": v}, "Sandal": {"images": 2, "pointing_game": v / 2}}
+        for m, v in (("rollout", 1.0), ("gradient_rollout", 0.9), ("random", 0.1))
+    }
+    lines = main_job.per_class_table(per_class).splitlines()
+    assert lines[0] == "| pointing game per true class | T-shirt | Sandal |"
+    assert lines[1] == "|---|---|---|"
+    assert lines[2:] == ["| rollout | 1.00 | 0.50 |", "| gradient_rollout | 0.90 | 0.45 |"]  # no random row
+    assert main_job.per_class_table({}).splitlines()[0] == "| pointing game per true class |  |"
 
 
 @pytest.mark.slow

@@ -281,3 +281,43 @@ def test_cli_records_true_and_predicted_classes_for_dataset_images(tmp_path: Pat
     named = {**first, "class_name": "Coat", "models": {"0:a": {"prediction": 1, "class_name": "Trouser"},
                                                         "1:b": {"prediction": 4, "class_name": "Coat"}}}  # fmt: skip
     assert _row_title(named).split("\n")[1:] == ["true: Coat", "0: Trouser", "1: Coat"]
+
+
+def test_per_class_means_groups_scores_by_true_class() -> None:
+    from vision_attn.explain.cli import per_class_means
+
+    scores = {
+        "pointing_game": torch.tensor([1.0, 0.0, 1.0, 1.0]),
+        "energy_pointing": torch.tensor([0.2, 0.4, 0.6, 0.9]),
+    }
+    out = per_class_means(scores, torch.tensor([2, 2, 0, 2]), ["a", "b", "c"])
+    assert list(out) == ["a", "c"]  # label order; class 'b' has no images
+    assert out["a"] == {"images": 1, "pointing_game": 1.0, "energy_pointing": pytest.approx(0.6)}
+    assert out["c"]["images"] == 3
+    assert out["c"]["pointing_game"] == pytest.approx(2 / 3)
+    assert out["c"]["energy_pointing"] == pytest.approx((0.2 + 0.4 + 0.9) / 3)
+    assert list(per_class_means(scores, torch.tensor([5, 5, 1, 1]))) == ["1", "5"]  # no names: the index
+
+
+def test_cli_writes_per_class_scores_for_dataset_images(tmp_path: Path) -> None:
+    args = ["--model", "va_vit_tiny_patch8_64", "--model-args", '{"depth": 1, "num_classes": 10, "in_chans": 1}',
+            "--dataset", "cluttered_fashion_mnist:test", "--limit", "30", "--method", "rollout", "random",
+            "--scores", "pointing_game", "energy_pointing", "--steps", "0", "--no-overlays",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert explain_main(args) == 0
+    result = json.loads((tmp_path / "scores.json").read_text())
+    assert set(result["summary_per_class"]) == {"rollout", "random"}
+    for method in ("rollout", "random"):
+        per_class = result["summary_per_class"][method]
+        labels = sorted({r["label"] for r in result["images"]})
+        assert list(per_class) == [str(label) for label in labels]  # a bare model has no class names
+        assert sum(c["images"] for c in per_class.values()) == 30
+        for label in labels:
+            values = [r["models"]["va_vit_tiny_patch8_64"]["scores"][method]["pointing_game"]
+                      for r in result["images"] if r["label"] == label]  # fmt: skip
+            assert per_class[str(label)]["pointing_game"] == pytest.approx(sum(values) / len(values))
+    image_file = _image(tmp_path / "x.png", 64, 64, mode="L")
+    out = tmp_path / "files"
+    assert explain_main([*args[:4], "--images", str(image_file), "--method", "rollout", "--steps", "0",
+                         "--no-overlays", "--out", str(out)]) == 0  # fmt: skip
+    assert "summary_per_class" not in json.loads((out / "scores.json").read_text())  # no labels, no classes

@@ -329,6 +329,24 @@ def _model_images(
     return images, unique_names(paths), boxes, mean, std, None
 
 
+def per_class_means(
+    scores: dict[str, torch.Tensor], labels: torch.Tensor, class_names: Sequence[str] = ()
+) -> dict[str, dict[str, float]]:
+    """Mean of each per-image score over the images of each true class: ``{class: {'images': n, score: mean}}``.
+
+    Classes are keyed by name where ``class_names`` has one, else by index, in label order; classes without
+    images are left out.
+    """
+    labels = torch.as_tensor(labels).reshape(-1)
+    out: dict[str, dict[str, float]] = {}
+    for label in sorted(set(labels.tolist())):
+        mask = labels == label
+        key = class_names[label] if label < len(class_names) else str(label)
+        out[key] = {"images": int(mask.sum())}
+        out[key].update({name: float(v[mask.to(v.device)].float().mean()) for name, v in scores.items()})
+    return out
+
+
 def _row_title(record: dict[str, Any]) -> str:
     """A grid row's title: the image name, its true class (``--dataset``) and each model's predicted class."""
     lines = [record["image"]]
@@ -361,6 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     records: list[dict[str, Any]] = []
     grid_maps: dict[str, torch.Tensor] = {}
     summary: dict[str, dict[str, float]] = {}
+    per_class: dict[str, dict[str, dict[str, float]]] = {}
     skipped: list[dict[str, str]] = []
     shown: dict[str, Any] = {}
     for index, (checkpoint, model_name, weight_file) in enumerate(sources):
@@ -419,6 +438,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.steps > 0 and "insertion_auc" in args.scores:
                 scores["insertion_auc"] = insertion_auc(model, images, maps, args.target, **kw)
             summary[column] = {k: float(v.float().mean()) for k, v in scores.items()}
+            if labels is not None and scores:
+                per_class[column] = per_class_means(scores, labels, class_names)
             for i, rec in enumerate(records):
                 rec["models"][label]["scores"][method] = {k: float(v[i]) for k, v in scores.items()}
                 if not args.no_overlays:
@@ -437,6 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         alpha=args.alpha, mean=shown["mean"], std=shown["std"],
     )  # fmt: skip
     result = {"methods": list(args.method), "summary": summary, "skipped": skipped, "images": records}
+    if per_class:  # --dataset: the true classes are known, so a method's weak classes show
+        result["summary_per_class"] = per_class
     atomic_write_text(out / "scores.json", json.dumps(result, indent=2) + "\n")
     print(_markdown_table(summary))
     note = f", {len(skipped)} model/method pairs skipped" if skipped else ""
