@@ -97,6 +97,26 @@ def test_main_job_per_class_table_has_one_row_per_attention_method() -> None:
     assert main_job.per_class_table({}).splitlines()[0] == "| pointing game per true class |  |"
 
 
+def test_pipeline_overhead_table_reads_the_paired_ratio() -> None:
+    import pipeline_overhead
+
+    bare = [
+        {"seconds": 10.0, "images": 1000.0},
+        {"seconds": 20.0, "images": 1000.0},
+        {"seconds": 12.0, "images": 1000.0},
+    ]
+    pipe = [
+        {"seconds": 11.0, "images": 1000.0, "images_per_second": 95.0},
+        {"seconds": 23.0, "images": 1000.0, "images_per_second": 50.0},
+        {"seconds": 14.4, "images": 1000.0, "images_per_second": 80.0},
+    ]
+    lines = pipeline_overhead.table(2, bare, pipe).splitlines()
+    assert lines[0].startswith("| 2 epochs of the default config, 3 alternating rounds |")
+    assert lines[2] == "| seconds (median) | 12.0 | 14.4 | 1.20 |"
+    assert "| 83 | 80 | 1.04 |" in lines[3]  # median bare speed 1000/12 vs the pipeline's training-step speed
+    assert lines[4].endswith("| **1.15** (1.10–1.20) |")  # rounds: 1.10, 1.15, 1.20
+
+
 @pytest.mark.slow
 def test_train_default_runs_with_a_tiny_time_box_and_refuses_docs_on_a_busy_machine(tmp_path: Path) -> None:
     readme = (REPO / "README.md").read_text()
