@@ -361,8 +361,9 @@ def _row_title(record: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``vision-attn explain``; returns the exit code (0 on success, 2 on bad arguments).
 
-    Writes ``<out>/grid.png`` (image x method), ``<out>/scores.json`` and, unless ``--no-overlays``, one overlay
-    ``<image>_<method>.png`` per image and map. A method that does not apply to a model (e.g. rollout on a CNN)
+    Writes ``<out>/grid.png`` (image x method), ``<out>/scores.json`` (per image, ``summary`` per method and, for
+    ``--dataset``, ``summary_per_class``) and, unless ``--no-overlays``, one overlay ``<image>_<method>.png`` per
+    image and map. A method that does not apply to a model (e.g. rollout on a CNN)
     is skipped and reported; the run fails only when no method applies to any model.
     """
     from vision_attn.explain.metrics import deletion_auc, energy_pointing, insertion_auc, pointing_game
