@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -44,6 +46,7 @@ def test_docs_carry_every_block_the_benchmarks_write() -> None:
         "main_job": ["README.md", "docs/training.md"],
         "explain_scores": ["README.md", "docs/explain.md"],
         "explain_per_class": ["docs/explain.md"],
+        "context_probe": ["docs/explain.md"],
         "train_default": ["README.md", "docs/training.md"],
         "pipeline_overhead": ["docs/training.md"],
         "throughput": ["docs/benchmarks.md"],
@@ -115,6 +118,56 @@ def test_pipeline_overhead_table_reads_the_paired_ratio() -> None:
     assert lines[2] == "| seconds (median) | 12.0 | 14.4 | 1.20 |"
     assert "| 83 | 80 | 1.04 |" in lines[3]  # median bare speed 1000/12 vs the pipeline's training-step speed
     assert lines[4].endswith("| **1.15** (1.10–1.20) |")  # rounds: 1.10, 1.15, 1.20
+
+
+def test_context_probe_blanks_the_object_or_its_context() -> None:
+    import context_probe
+
+    images = np.full((2, 6, 8), 200, dtype=np.uint8)
+    boxes = np.array([[1, 2, 4, 5], [0, 0, 8, 6]])  # x_min, y_min, x_max, y_max (max exclusive)
+    obj = context_probe.blank(images, boxes, "object")
+    ctx = context_probe.blank(images, boxes, "context")
+    assert obj.dtype == np.uint8
+    assert (obj[0, 2:5, 1:4] == 200).all()
+    assert obj[0].sum() == 9 * 200
+    assert (ctx[0, 2:5, 1:4] == 0).all()
+    assert ctx[0].sum() == (48 - 9) * 200
+    assert (obj[1] == 200).all()
+    assert (ctx[1] == 0).all()
+    with pytest.raises(ValueError, match="keep must be 'object' or 'context'"):
+        context_probe.blank(images, boxes, "box")
+
+
+def test_context_probe_table_per_true_class() -> None:
+    import context_probe
+
+    labels = np.array([0, 0, 1, 1, 1])
+    preds = {
+        "full": np.array([0, 1, 1, 1, 0]),
+        "object": np.array([0, 0, 1, 0, 1]),
+        "context": np.array([1, 1, 1, 0, 1]),
+    }
+    lines = context_probe.table(preds, labels, ["a", "b", "c"]).splitlines()
+    assert lines[2] == "| a | 2 | 0.50 | 1.00 | 0.00 | b (1.00) |"
+    assert lines[3] == "| b | 3 | 0.67 | 0.67 | 0.67 | b (0.67) |"
+    assert len(lines) == 4  # class 'c' has no images
+
+
+def test_context_probe_runs_a_model_on_the_three_versions() -> None:
+    import context_probe
+
+    import vision_attn
+    from vision_attn.data.cluttered import load_cluttered
+
+    data = load_cluttered()
+    model = vision_attn.create_model("va_vit_tiny_patch8_64", num_classes=10, in_chans=1, depth=1).eval()
+    images, labels, boxes = data["test_images"][:12], data["test_labels"][:12].astype(np.int64), data["test_boxes"][:12]
+    preds = context_probe.probe(model, images, labels, boxes, 0.12, 0.27)
+    assert set(preds) == {"full", "object", "context"}
+    assert all(p.shape == (12,) and p.dtype == np.int64 and ((p >= 0) & (p < 10)).all() for p in preds.values())
+    x = (torch.from_numpy(context_probe.blank(images, boxes, "context")).float()[:, None] / 255 - 0.12) / 0.27
+    with torch.no_grad():
+        assert (model(x).argmax(-1).numpy() == preds["context"]).all()
 
 
 @pytest.mark.slow

@@ -1,0 +1,123 @@
+"""What the main job's model reads, object or context: its predictions with the object or the clutter removed.
+
+The cluttered Fashion-MNIST images are an object on a black canvas among pieces of clutter cut from other images; the
+data ship the object's box. For every test image the model sees three versions, each on the same black canvas:
+
+* the full image;
+* the object only (everything outside the box set to the background, 0): does the object alone suffice?
+* the context only (the box set to 0): what does the model predict when the object is not there at all?
+
+Per true class: a class whose context-only images are still predicted as that class is one the model can name
+without seeing the object, and its attention maps may rightly point off the object (the per-class pointing game in
+``docs/explain.md``). Usage::
+
+    python benchmarks/context_probe.py                       # the latest main job's export (benchmarks/main_job.py)
+    python benchmarks/context_probe.py --checkpoint EXPORT   # any train.py checkpoint or export of this dataset
+    python benchmarks/context_probe.py --write-docs          # also rewrite the table in docs/explain.md
+
+Timings play no part here, so it does not wait for a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from _machine import REPO, write_block  # benchmarks/ is on sys.path when run
+
+from vision_attn import load_trained
+from vision_attn.data.cluttered import load_cluttered
+
+MAIN_JOB_RUNS = REPO / "runs" / "bench_main_job"
+
+
+def latest_export(runs: Path = MAIN_JOB_RUNS) -> Path:
+    """The export folder of the newest ``version_K`` under ``runs`` (what ``benchmarks/main_job.py`` trained)."""
+    versions = sorted(runs.glob("version_*/export"), key=lambda p: int(p.parent.name.split("_")[-1]))
+    if not versions:
+        raise FileNotFoundError(f"no version_*/export under {str(runs)!r}: run benchmarks/main_job.py first")
+    return versions[-1]
+
+
+def blank(images: np.ndarray, boxes: np.ndarray, keep: str) -> np.ndarray:
+    """``images`` ``[N, H, W]`` with everything outside each box (``keep='object'``) or inside it
+    (``keep='context'``) set to 0, the canvas background; boxes are ``x_min, y_min, x_max, y_max``, max exclusive."""
+    if keep not in ("object", "context"):
+        raise ValueError(f"keep must be 'object' or 'context', got {keep!r}")
+    height, width = images.shape[-2:]
+    rows, cols = np.arange(height)[None, :, None], np.arange(width)[None, None, :]
+    x0, y0, x1, y1 = (boxes[:, k, None, None] for k in range(4))
+    inside = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+    return np.where(inside if keep == "object" else ~inside, images, 0).astype(images.dtype)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: np.ndarray, mean: float, std: float, batch_size: int = 250) -> np.ndarray:
+    """Predicted classes of uint8 grey ``images`` ``[N, H, W]``, normalized with ``mean``/``std`` as in training."""
+    x = (torch.from_numpy(images).float().div(255.0)[:, None] - mean) / std
+    return torch.cat([model(chunk).argmax(dim=-1) for chunk in x.split(batch_size)]).numpy()
+
+
+def probe(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, boxes: np.ndarray, mean: float,
+          std: float) -> dict[str, np.ndarray]:  # fmt: skip
+    """Predictions on the full, object-only and context-only images: ``{'full', 'object', 'context'}`` of ``[N]``."""
+    return {
+        "full": predict(model, images, mean, std),
+        "object": predict(model, blank(images, boxes, "object"), mean, std),
+        "context": predict(model, blank(images, boxes, "context"), mean, std),
+    }
+
+
+def table(preds: dict[str, np.ndarray], labels: np.ndarray, class_names: list[str]) -> str:
+    """Markdown table per true class: accuracy on full and object-only images, and what context-only images are
+    predicted as (the share still predicted as the true class; the most common prediction and its share)."""
+    lines = [
+        "| true class | images | top-1, full image | top-1, object only | context only: still the true class "
+        "| context only: most common prediction |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c, name in enumerate(class_names):
+        mask = labels == c
+        if not mask.any():
+            continue
+        context = preds["context"][mask]
+        top = np.bincount(context, minlength=len(class_names)).argmax()
+        lines.append(
+            f"| {name} | {int(mask.sum())} | {np.mean(preds['full'][mask] == c):.2f} "
+            f"| {np.mean(preds['object'][mask] == c):.2f} | {np.mean(context == c):.2f} "
+            f"| {class_names[top]} ({np.mean(context == top):.2f}) |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the probe on the embedded test split and print (and optionally write) the table; returns the exit code."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, default=None, help="default: the latest main job's export")
+    parser.add_argument("--write-docs", action="store_true", help="rewrite the table in docs/explain.md")
+    args = parser.parse_args(argv)
+    if args.write_docs and args.checkpoint is not None:
+        parser.error("--write-docs documents the main job's model: leave out --checkpoint")
+    checkpoint = args.checkpoint if args.checkpoint is not None else latest_export()
+    model, info = load_trained(checkpoint)
+    if tuple(info["input_size"]) != (1, 64, 64):
+        raise ValueError(
+            f"--checkpoint {str(checkpoint)!r} takes input_size {tuple(info['input_size'])}; expected (1, 64, 64), "
+            "a model trained on cluttered_fashion_mnist"
+        )
+    data = load_cluttered()
+    images, labels, boxes = data["test_images"], data["test_labels"].astype(np.int64), data["test_boxes"]
+    names = list(info.get("class_names") or data["classes"].tolist())
+    preds = probe(model, images, labels, boxes, float(info["mean"][0]), float(info["std"][0]))
+    text = table(preds, labels, names)
+    print(f"{checkpoint} ({info['model_name']}), {len(labels)} test images\n\n{text}")
+    if args.write_docs:
+        made_by = f"\n\nMade by `python benchmarks/context_probe.py --write-docs` ({info['model_name']}, main job)."
+        write_block("context_probe", text + made_by, [REPO / "docs" / "explain.md"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
