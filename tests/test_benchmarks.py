@@ -153,6 +153,22 @@ def test_context_probe_table_per_true_class() -> None:
     assert len(lines) == 4  # class 'c' has no images
 
 
+def test_context_probe_finds_the_newest_export_and_refuses_docs_for_another_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import context_probe
+
+    with pytest.raises(FileNotFoundError, match=r"run benchmarks/main_job\.py first"):
+        context_probe.latest_export(tmp_path)
+    for version in (2, 10, 9):
+        (tmp_path / f"version_{version}" / "export").mkdir(parents=True)
+    assert context_probe.latest_export(tmp_path) == tmp_path / "version_10" / "export"  # by number, not by name
+    with pytest.raises(SystemExit) as exit_:
+        context_probe.main(["--write-docs", "--checkpoint", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "--write-docs documents the main job's model" in capsys.readouterr().err
+
+
 def test_context_probe_runs_a_model_on_the_three_versions() -> None:
     import context_probe
 
