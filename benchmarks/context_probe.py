@@ -26,12 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from _machine import REPO, write_block  # benchmarks/ is on sys.path when run
+from main_job import RUN_DIR as MAIN_JOB_RUNS
 
 from vision_attn import load_trained
 from vision_attn.data.cluttered import load_cluttered
 from vision_attn.data.datasets import dataset_info
-
-MAIN_JOB_RUNS = REPO / "runs" / "bench_main_job"
 
 
 def latest_export(runs: Path = MAIN_JOB_RUNS) -> Path:
