@@ -32,13 +32,11 @@ from pathlib import Path
 import torch
 import yaml
 from _machine import REPO, publish, settle  # benchmarks/ is on sys.path when run
-from timm.optim import param_groups_weight_decay
 from torch.nn import functional as F
 
 from vision_attn.data import ImageDataModule
 from vision_attn.training import ImageClassifier
 from vision_attn.training.cli import main as train_main
-from vision_attn.training.module import NO_DECAY_NAMES
 
 CONFIG = REPO / "configs" / "default.yaml"
 
@@ -50,15 +48,9 @@ def bare_run(epochs: int) -> dict[str, float]:
     data = ImageDataModule(**cfg["data"])
     data.setup("fit")
     model = cfg["model"]
-    net = ImageClassifier(
-        **model, num_classes=data.num_classes, in_chans=data.in_chans, img_size=data.img_size
-    ).net.train()
-    no_decay = set(NO_DECAY_NAMES) | set(getattr(net, "no_weight_decay", set)())
-    optimizer = torch.optim.AdamW(
-        param_groups_weight_decay(net, model.get("weight_decay", 0.05), no_weight_decay_list=no_decay),
-        lr=model.get("lr", 1e-3),
-        fused=True,  # as the recipe's configure_optimizers on CPU
-    )
+    module = ImageClassifier(**model, num_classes=data.num_classes, in_chans=data.in_chans, img_size=data.img_size)
+    net = module.net.train()
+    optimizer = module.configure_optimizers()["optimizer"]  # the recipe's (fused) AdamW and parameter groups
     loader = data.train_dataloader()
     total = epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
