@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from PIL import Image
 from train_helpers import fit_args, run_env, train_command, version_folders
 
 from vision_attn.cli import main as cli_main
@@ -37,6 +38,14 @@ def test_every_run_has_its_own_folder_and_a_fast_dev_run_overwrites_nothing(tmp_
     names = {p.name for p in run.iterdir()}
     assert {"config.yaml", "hparams.yaml", "metrics.csv", "summary.json", "checkpoints", "export", "attention"} <= names
     assert any(n.startswith("events.out.tfevents") for n in names), "TensorBoard logs are not in the run folder"
+    # TensorBoard holds the same attention overlay as attention/
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run), size_guidance={"images": 0})
+    events.Reload()
+    (image,) = events.Images("attention/rollout")
+    assert image.encoded_image_string == (run / "attention" / "epoch=000.png").read_bytes()
+    assert (image.width, image.height) == Image.open(run / "attention" / "epoch=000.png").size
     assert not list(run.rglob("version_*")), "a logger made a version folder of its own"
     summary = json.loads((run / "summary.json").read_text())
     assert Path(summary["best_model_path"]).parent == (run / "checkpoints").resolve()

@@ -166,3 +166,49 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     assert ckpt["global_step"] == 2  # 2 batches per process, gradients averaged across the 2 processes
     summary = json.loads((run_folder(tmp_path) / "summary.json").read_text())
     assert summary["train_images_per_second"] > 0
+
+
+def test_training_logs_window_means_on_the_logger_steps() -> None:
+    """``train/loss`` and ``train/acc1`` are logged only on the steps the loggers write, as the mean over the batches
+    since the previous log, and once more on the epoch's last batch."""
+    import lightning as L
+    from lightning.pytorch.loggers import Logger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Memory(Logger):
+        name, version = "memory", 0
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[tuple[int | None, dict[str, float]]] = []
+
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            self.rows.append((step, dict(metrics)))
+
+        def log_hyperparams(self, params: object, *args: object, **kwargs: object) -> None:
+            pass
+
+    class Losses(L.Callback):
+        def __init__(self) -> None:
+            self.values: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.values.append(float(outputs["loss"]))
+
+    torch.manual_seed(0)
+    module = ImageClassifier("va_vit_tiny_patch4_32", model_args={"depth": 1}, num_classes=3, in_chans=3,
+                             img_size=32, warmup_epochs=0)  # fmt: skip
+    loader = DataLoader(TensorDataset(torch.randn(28, 3, 32, 32), torch.randint(0, 3, (28,))), batch_size=4)
+    memory, losses = Memory(), Losses()
+    trainer = L.Trainer(max_epochs=1, log_every_n_steps=3, logger=memory, callbacks=[losses], accelerator="cpu",
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, loader)  # 7 batches: logged after batches 3 and 6 (windows of 3), and batch 7 (the last)
+    logged = {step: m for step, m in memory.rows if "train/loss" in m}
+    assert sorted(logged) == [2, 5]
+    for step in (2, 5):
+        assert logged[step]["train/loss"] == pytest.approx(sum(losses.values[step - 2 : step + 1]) / 3, rel=1e-5)
+        accuracy = logged[step]["train/acc1"] * 12  # correct predictions among the window's 12 images
+        assert accuracy == pytest.approx(round(accuracy), abs=1e-4)
+        assert 0 <= accuracy <= 12
+        assert logged[step]["lr"] > 0
+    assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(losses.values[6], rel=1e-5)

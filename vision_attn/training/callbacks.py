@@ -4,6 +4,7 @@ throughput, prediction CSVs, and the guard that makes failures (no training step
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import time
@@ -20,11 +21,28 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from vision_attn._io import atomic_open, atomic_write_text, check_writable_dir
+from vision_attn._io import atomic_open, atomic_write_bytes, atomic_write_text, check_writable_dir
 from vision_attn.export import write_export
 from vision_attn.models import load_trained
 
 __all__ = ["AttentionOverlays", "ExportBackbone", "PredictionWriter", "RunGuard", "TrainSummary"]
+
+
+def _add_png(writer: Any, tag: str, png: bytes, rgb: np.ndarray, step: int) -> None:
+    """Add the PNG-encoded ``rgb`` ([H, W, 3] uint8) to a TensorBoard ``writer`` as an image: torch's
+    ``SummaryWriter`` takes the encoded bytes as they are (its ``add_image`` would resize and encode them again);
+    any other writer gets ``add_image(rgb)``."""
+    from torch.utils.tensorboard import SummaryWriter  # what Lightning's TensorBoardLogger writes with
+
+    file_writer = getattr(writer, "file_writer", None)
+    if not isinstance(writer, SummaryWriter) or file_writer is None:
+        writer.add_image(tag, rgb, step, dataformats="HWC")
+        return
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    height, width, channels = rgb.shape
+    image = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=png)
+    file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
 
 def _log_dir(trainer: L.Trainer) -> Path:
@@ -139,12 +157,14 @@ class AttentionOverlays(_LogDirCallback):
             self._images, {f"{method} (true / predicted)": maps.cpu()}, row_titles=titles, boxes=self._boxes,
             mean=getattr(data, "mean", None), std=getattr(data, "std", None),
         )  # fmt: skip
+        buffer = io.BytesIO()
+        Image.fromarray(rgb).save(buffer, format="png")  # encoded once, for the file and for TensorBoard (~50 ms)
+        png = buffer.getvalue()
         path = (self.log_dir or Path(trainer.default_root_dir)) / "attention" / f"epoch={trainer.current_epoch:03d}.png"
-        with atomic_open(path) as f:
-            Image.fromarray(rgb).save(f, format="png")
+        atomic_write_bytes(path, png)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image(f"attention/{method}", rgb, trainer.global_step, dataformats="HWC")
+                _add_png(logger.experiment, f"attention/{method}", png, rgb, trainer.global_step)
 
 
 class ExportBackbone(_LogDirCallback):

@@ -132,6 +132,7 @@ class ImageClassifier(L.LightningModule):
         self.ema = ModelEmaV3(self.net, decay=ema_decay) if ema_decay is not None else None
         self._schedule_steps: tuple[int, int] | None = None  # (warmup, total) optimizer steps, from on_train_start
         self._ema_step = -1  # the optimizer step the EMA weights last followed
+        self._train_window: torch.Tensor | None = None  # (loss, acc1, batches) summed since the last train log
         self._changed_hparams: dict[str, tuple[Any, Any]] = {}  # resumed with other values: name -> (checkpoint, now)
         if self.ema is not None:
             self.ema.requires_grad_(False)  # updated by copying, never by the optimizer (and invisible to DDP)
@@ -196,7 +197,8 @@ class ImageClassifier(L.LightningModule):
 
     # --- steps --------------------------------------------------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Loss of one (Mixup/CutMix-ed) batch; logs ``train/loss``, ``train/acc1`` and ``lr``."""
+        """Loss of one (Mixup/CutMix-ed) batch; logs ``train/loss``, ``train/acc1`` (means since the last log) and
+        ``lr``."""
         images, targets = batch
         if self.mixup is not None:
             if images.shape[0] % 2:
@@ -214,13 +216,32 @@ class ImageClassifier(L.LightningModule):
                 "Lower model.lr, set trainer.gradient_clip_val, check the inputs for NaN, or resume from an earlier "
                 "checkpoint with --ckpt_path"
             )
-        # the batch's accuracy as a plain tensor: logging a torchmetrics object every step costs more (Lightning
-        # moves and computes it per call), and a per-step value is all a training log shows
-        acc1 = (logits.detach().argmax(dim=-1) == targets).float().mean()
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc1", acc1, prog_bar=True)
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
+        self._log_train_step(loss.detach(), (logits.detach().argmax(dim=-1) == targets).float().mean(), batch_idx)
         return loss
+
+    def _log_train_step(self, loss: torch.Tensor, acc1: torch.Tensor, batch_idx: int) -> None:
+        """Add the batch's loss and accuracy to the running window; on the steps the loggers write (every
+        ``trainer.log_every_n_steps``) and on the epoch's last batch, log the window's means and the current lr.
+
+        Each ``self.log`` call costs ~1 ms of Lightning bookkeeping: three per step were ~3 % of a training step of
+        the default model on CPU. The mean over the window is also a steadier reading than one batch's value.
+        """
+        values = torch.stack([loss, acc1, torch.ones_like(acc1)])
+        self._train_window = values if self._train_window is None else self._train_window + values
+        trainer = self.trainer
+        every = trainer.log_every_n_steps
+        if not (
+            every <= 1
+            or (self.global_step + 1) % every == 0
+            or batch_idx + 1 >= trainer.num_training_batches
+            or trainer.is_last_batch
+        ):
+            return
+        loss_sum, acc_sum, count = self._train_window.unbind()
+        self._train_window = None
+        self.log("train/loss", loss_sum / count, prog_bar=True)
+        self.log("train/acc1", acc_sum / count, prog_bar=True)
+        self.log("lr", trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Update the EMA weights once per optimizer step (not per micro-batch under gradient accumulation)."""
@@ -302,6 +323,7 @@ class ImageClassifier(L.LightningModule):
         value, not the one saved in the checkpoint's optimizer state."""
         trainer, hp = self.trainer, self.hparams
         self._ema_step = self.global_step
+        self._train_window = None
         estimated = trainer.estimated_stepping_batches
         if not math.isfinite(estimated) and hp.schedule == "steps":
             raise ValueError(
