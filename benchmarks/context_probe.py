@@ -31,6 +31,7 @@ from main_job import RUN_DIR as MAIN_JOB_RUNS
 from vision_attn import load_trained
 from vision_attn.data.cluttered import load_cluttered
 from vision_attn.data.datasets import dataset_info
+from vision_attn.data.outliers import blank
 
 
 def latest_export(runs: Path = MAIN_JOB_RUNS) -> Path:
@@ -39,18 +40,6 @@ def latest_export(runs: Path = MAIN_JOB_RUNS) -> Path:
     if not versions:
         raise FileNotFoundError(f"no version_*/export under {str(runs)!r}: run benchmarks/main_job.py first")
     return versions[-1]
-
-
-def blank(images: np.ndarray, boxes: np.ndarray, keep: str) -> np.ndarray:
-    """``images`` ``[N, H, W]`` with everything outside each box (``keep='object'``) or inside it
-    (``keep='context'``) set to 0, the canvas background; boxes are ``x_min, y_min, x_max, y_max``, max exclusive."""
-    if keep not in ("object", "context"):
-        raise ValueError(f"keep must be 'object' or 'context', got {keep!r}")
-    height, width = images.shape[-2:]
-    rows, cols = np.arange(height)[None, :, None], np.arange(width)[None, None, :]
-    x0, y0, x1, y1 = (boxes[:, k, None, None] for k in range(4))
-    inside = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
-    return np.where(inside if keep == "object" else ~inside, images, 0).astype(images.dtype)
 
 
 @torch.no_grad()

@@ -2,7 +2,8 @@
 
 Both train the network of ``configs/default.yaml`` for ``--epochs`` epochs from the same DataModule's train loader:
 
-* bare: forward, label-smoothed cross-entropy, backward, gradient clipping, AdamW, per-step cosine LR — nothing else;
+* bare: forward, the recipe's loss (label-smoothed cross-entropy), backward, gradient clipping, AdamW, per-step
+  cosine LR — nothing else;
 * pipeline: ``python train.py fit --config configs/default.yaml`` in this process (Lightning loop, metrics, logging,
   validation on the hold-out each epoch, attention overlays, checkpoints every N steps and each epoch, export),
   timed by its ``summary.json`` ``fit_seconds``; the test after fit is left out (it is not part of training).
@@ -32,11 +33,11 @@ from pathlib import Path
 import torch
 import yaml
 from _machine import REPO, publish, settle  # benchmarks/ is on sys.path when run
-from torch.nn import functional as F
 
 from vision_attn.data import ImageDataModule
 from vision_attn.training import ImageClassifier
 from vision_attn.training.cli import main as train_main
+from vision_attn.training.module import classification_loss
 
 CONFIG = REPO / "configs" / "default.yaml"
 
@@ -61,7 +62,7 @@ def bare_run(epochs: int) -> dict[str, float]:
     for epoch in range(epochs):
         loader.sampler.set_epoch(epoch)
         for batch, targets in loader:
-            loss = F.cross_entropy(net(batch), targets, label_smoothing=smoothing)
+            loss = classification_loss(net(batch), targets, smoothing)  # the recipe's loss (context outliers too)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if clip:

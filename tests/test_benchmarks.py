@@ -120,24 +120,6 @@ def test_pipeline_overhead_table_reads_the_paired_ratio() -> None:
     assert lines[4].endswith("| **1.15** (1.10–1.20) |")  # rounds: 1.10, 1.15, 1.20
 
 
-def test_context_probe_blanks_the_object_or_its_context() -> None:
-    import context_probe
-
-    images = np.full((2, 6, 8), 200, dtype=np.uint8)
-    boxes = np.array([[1, 2, 4, 5], [0, 0, 8, 6]])  # x_min, y_min, x_max, y_max (max exclusive)
-    obj = context_probe.blank(images, boxes, "object")
-    ctx = context_probe.blank(images, boxes, "context")
-    assert obj.dtype == np.uint8
-    assert (obj[0, 2:5, 1:4] == 200).all()
-    assert obj[0].sum() == 9 * 200
-    assert (ctx[0, 2:5, 1:4] == 0).all()
-    assert ctx[0].sum() == (48 - 9) * 200
-    assert (obj[1] == 200).all()
-    assert (ctx[1] == 0).all()
-    with pytest.raises(ValueError, match="keep must be 'object' or 'context'"):
-        context_probe.blank(images, boxes, "box")
-
-
 def test_context_probe_table_per_true_class() -> None:
     import context_probe
 
@@ -174,6 +156,7 @@ def test_context_probe_runs_a_model_on_the_three_versions() -> None:
 
     import vision_attn
     from vision_attn.data.cluttered import load_cluttered
+    from vision_attn.data.outliers import blank
 
     data = load_cluttered()
     model = vision_attn.create_model("va_vit_tiny_patch8_64", num_classes=10, in_chans=1, depth=1).eval()
@@ -181,7 +164,7 @@ def test_context_probe_runs_a_model_on_the_three_versions() -> None:
     preds = context_probe.probe(model, images, labels, boxes, 0.12, 0.27)
     assert set(preds) == {"full", "object", "context"}
     assert all(p.shape == (12,) and p.dtype == np.int64 and ((p >= 0) & (p < 10)).all() for p in preds.values())
-    x = (torch.from_numpy(context_probe.blank(images, boxes, "context")).float()[:, None] / 255 - 0.12) / 0.27
+    x = (torch.from_numpy(blank(images, boxes, "context")).float()[:, None] / 255 - 0.12) / 0.27
     with torch.no_grad():
         assert (model(x).argmax(-1).numpy() == preds["context"]).all()
 

@@ -13,6 +13,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from vision_attn.data.datasets import TransformedDataset, build_dataset, dataset_info
 from vision_attn.data.image_folder import LAYOUT, folder_classes, image_folder_splits
+from vision_attn.data.outliers import ContextOutliers
 from vision_attn.data.resumable import EpochSampler
 from vision_attn.data.transforms import build_eval_transform, build_train_transform
 from vision_attn.data.verify import BAD_IMAGE_POLICIES
@@ -37,6 +38,10 @@ class ImageDataModule(L.LightningDataModule):
     repeated to RGB, RGB data with ``in_chans=1`` converted to luminance.
     ``num_classes``, ``in_chans``, ``img_size``, ``mean`` and ``std`` are attributes right after construction
     (LightningCLI links them to the model).
+
+    ``context_outliers=k`` (datasets with object boxes, such as the embedded one) adds to each training batch the
+    context-only versions of its first ``k`` images, labelled ``-1``: the training loss asks for a uniform
+    prediction on them, so clutter alone is no evidence for any class (:mod:`vision_attn.data.outliers`).
     """
 
     def __init__(
@@ -61,6 +66,7 @@ class ImageDataModule(L.LightningDataModule):
         coarse_dropout: float = 0.0,
         eval_crop_pct: float = 1.0,
         bad_images: str = "error",
+        context_outliers: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -79,6 +85,11 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(f"in_chans must be 1, 3 or None (the dataset's own: {info.in_chans}), got {in_chans}")
         if img_size is not None and img_size <= 0:
             raise ValueError(f"img_size must be positive, got {img_size}")
+        if not 0 <= context_outliers <= batch_size:
+            raise ValueError(
+                f"context_outliers must be in [0, batch_size={batch_size}] (context-only copies of a batch's first "
+                f"images), got {context_outliers}"
+            )
         if bad_images not in BAD_IMAGE_POLICIES:
             raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}")
         self.name = name
@@ -95,6 +106,7 @@ class ImageDataModule(L.LightningDataModule):
         self.test_fraction = test_fraction
         self.seed = seed
         self.bad_images = bad_images
+        self.context_outliers = context_outliers
         self.train_transform = build_train_transform(
             self.img_size, self.mean, self.std, crop_scale=crop_scale, translate=translate, hflip=hflip,
             color_jitter=color_jitter, coarse_dropout=coarse_dropout,
@@ -180,7 +192,11 @@ class ImageDataModule(L.LightningDataModule):
                 f"{self.name!r}: the last partial batch is dropped, so no training step would run; lower "
                 "data.batch_size"
             )
-        self.train_set = TransformedDataset(train, self.train_transform, self.in_chans, train_idx)
+        if self.context_outliers:
+            self.train_set = ContextOutliers(train, self.train_transform, self.in_chans, train_idx,
+                                             self.context_outliers, name=f"dataset {self.name!r}")  # fmt: skip
+        else:
+            self.train_set = TransformedDataset(train, self.train_transform, self.in_chans, train_idx)
         self.test_set = TransformedDataset(test if test is not None else train, self.eval_transform, self.in_chans,
                                            test_idx)  # fmt: skip
 

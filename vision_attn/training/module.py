@@ -20,8 +20,9 @@ from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 import vision_attn
+from vision_attn.data.outliers import OUTLIER_LABEL
 
-__all__ = ["ImageClassifier", "build_network"]
+__all__ = ["ImageClassifier", "build_network", "classification_loss"]
 
 # parameter names (the last part of the dotted name, at any depth) that never get weight decay, besides every 1-D
 # parameter (norms, biases): position embeddings, special tokens and LSA's learned softmax temperature
@@ -40,6 +41,19 @@ def build_network(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modu
             "(timm.list_models())"
         )
     return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+def classification_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Label-smoothed cross-entropy, averaged over the batch; an image whose target is ``OUTLIER_LABEL`` (-1: a
+    context-only image from ``data.context_outliers``) counts as the cross-entropy against the uniform distribution
+    instead (outlier exposure, Hendrycks et al. 2019)."""
+    outlier = targets == OUTLIER_LABEL
+    if not outlier.any():
+        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    known = ~outlier
+    loss = F.cross_entropy(logits[known], targets[known], label_smoothing=label_smoothing, reduction="sum")
+    uniform = -logits[outlier].log_softmax(dim=-1).mean(dim=-1).sum()
+    return (loss + uniform) / targets.shape[0]
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
@@ -201,6 +215,11 @@ class ImageClassifier(L.LightningModule):
         ``lr``."""
         images, targets = batch
         if self.mixup is not None:
+            if (targets == OUTLIER_LABEL).any():
+                raise ValueError(
+                    "Mixup/CutMix (model.mixup_alpha / model.cutmix_alpha) cannot mix context outliers (target "
+                    f"{OUTLIER_LABEL}): set data.context_outliers=0 or turn Mixup/CutMix off"
+                )
             if images.shape[0] % 2:
                 raise ValueError(f"Mixup/CutMix need an even batch size, got a batch of {images.shape[0]}")
             mixed, soft = self.mixup(images, targets)
@@ -208,7 +227,7 @@ class ImageClassifier(L.LightningModule):
             loss = SoftTargetCrossEntropy()(logits, soft)
         else:
             logits = self.net(images)
-            loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+            loss = classification_loss(logits, targets, self.hparams.label_smoothing)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
@@ -216,7 +235,9 @@ class ImageClassifier(L.LightningModule):
                 "Lower model.lr, set trainer.gradient_clip_val, check the inputs for NaN, or resume from an earlier "
                 "checkpoint with --ckpt_path"
             )
-        self._log_train_step(loss.detach(), (logits.detach().argmax(dim=-1) == targets).float().mean(), batch_idx)
+        known = targets != OUTLIER_LABEL  # context outliers have no class to be right about
+        correct = logits.detach()[known].argmax(dim=-1) == targets[known]
+        self._log_train_step(loss.detach(), correct.float().mean(), batch_idx)
         return loss
 
     def _log_train_step(self, loss: torch.Tensor, acc1: torch.Tensor, batch_idx: int) -> None:
