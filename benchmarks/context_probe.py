@@ -43,29 +43,37 @@ def latest_export(runs: Path = MAIN_JOB_RUNS) -> Path:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, images: np.ndarray, mean: float, std: float, batch_size: int = 250) -> np.ndarray:
-    """Predicted classes of uint8 grey ``images`` ``[N, H, W]``, normalized with ``mean``/``std`` as in training."""
+def predict(
+    model: torch.nn.Module, images: np.ndarray, mean: float, std: float, batch_size: int = 250
+) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted classes ``[N]`` of uint8 grey ``images`` ``[N, H, W]`` (normalized with ``mean``/``std`` as in
+    training) and their probabilities ``[N]``."""
     x = (torch.from_numpy(images).float().div(255.0)[:, None] - mean) / std
-    return torch.cat([model(chunk).argmax(dim=-1) for chunk in x.split(batch_size)]).numpy()
+    top, classes = torch.cat([model(chunk).softmax(dim=-1) for chunk in x.split(batch_size)]).max(dim=-1)
+    return classes.numpy(), top.numpy()
 
 
 def probe(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, boxes: np.ndarray, mean: float,
           std: float) -> dict[str, np.ndarray]:  # fmt: skip
-    """Predictions on the full, object-only and context-only images: ``{'full', 'object', 'context'}`` of ``[N]``."""
+    """Predictions on the full, object-only and context-only images (``'full'``, ``'object'``, ``'context'``, each
+    ``[N]``) and the probability of the prediction on the context-only images (``'context_confidence'``)."""
+    context, confidence = predict(model, blank(images, boxes, "context"), mean, std)
     return {
-        "full": predict(model, images, mean, std),
-        "object": predict(model, blank(images, boxes, "object"), mean, std),
-        "context": predict(model, blank(images, boxes, "context"), mean, std),
+        "full": predict(model, images, mean, std)[0],
+        "object": predict(model, blank(images, boxes, "object"), mean, std)[0],
+        "context": context,
+        "context_confidence": confidence,
     }
 
 
 def table(preds: dict[str, np.ndarray], labels: np.ndarray, class_names: list[str]) -> str:
     """Markdown table per true class: accuracy on full and object-only images, and what context-only images are
-    predicted as (the share still predicted as the true class; the most common prediction and its share)."""
+    predicted as (the share still predicted as the true class; the most common prediction and its share; the mean
+    probability of the prediction: 1 / classes for a model that sees no class in them)."""
     lines = [
         "| true class | images | top-1, full image | top-1, object only | context only: still the true class "
-        "| context only: most common prediction |",
-        "|---|---|---|---|---|---|",
+        "| context only: most common prediction | context only: mean top probability |",
+        "|---|---|---|---|---|---|---|",
     ]
     for c, name in enumerate(class_names):
         mask = labels == c
@@ -76,7 +84,7 @@ def table(preds: dict[str, np.ndarray], labels: np.ndarray, class_names: list[st
         lines.append(
             f"| {name} | {int(mask.sum())} | {np.mean(preds['full'][mask] == c):.2f} "
             f"| {np.mean(preds['object'][mask] == c):.2f} | {np.mean(context == c):.2f} "
-            f"| {class_names[top]} ({np.mean(context == top):.2f}) |"
+            f"| {class_names[top]} ({np.mean(context == top):.2f}) | {np.mean(preds['context_confidence'][mask]):.2f} |"
         )
     return "\n".join(lines)
 

@@ -128,10 +128,11 @@ def test_context_probe_table_per_true_class() -> None:
         "full": np.array([0, 1, 1, 1, 0]),
         "object": np.array([0, 0, 1, 0, 1]),
         "context": np.array([1, 1, 1, 0, 1]),
+        "context_confidence": np.array([0.9, 0.5, 0.2, 0.3, 0.4]),
     }
     lines = context_probe.table(preds, labels, ["a", "b", "c"]).splitlines()
-    assert lines[2] == "| a | 2 | 0.50 | 1.00 | 0.00 | b (1.00) |"
-    assert lines[3] == "| b | 3 | 0.67 | 0.67 | 0.67 | b (0.67) |"
+    assert lines[2] == "| a | 2 | 0.50 | 1.00 | 0.00 | b (1.00) | 0.70 |"
+    assert lines[3] == "| b | 3 | 0.67 | 0.67 | 0.67 | b (0.67) | 0.30 |"
     assert len(lines) == 4  # class 'c' has no images
 
 
@@ -162,11 +163,14 @@ def test_context_probe_runs_a_model_on_the_three_versions() -> None:
     model = vision_attn.create_model("va_vit_tiny_patch8_64", num_classes=10, in_chans=1, depth=1).eval()
     images, labels, boxes = data["test_images"][:12], data["test_labels"][:12].astype(np.int64), data["test_boxes"][:12]
     preds = context_probe.probe(model, images, labels, boxes, 0.12, 0.27)
-    assert set(preds) == {"full", "object", "context"}
-    assert all(p.shape == (12,) and p.dtype == np.int64 and ((p >= 0) & (p < 10)).all() for p in preds.values())
+    assert set(preds) == {"full", "object", "context", "context_confidence"}
+    classes = [preds[k] for k in ("full", "object", "context")]
+    assert all(p.shape == (12,) and p.dtype == np.int64 and ((p >= 0) & (p < 10)).all() for p in classes)
     x = (torch.from_numpy(blank(images, boxes, "context")).float()[:, None] / 255 - 0.12) / 0.27
     with torch.no_grad():
-        assert (model(x).argmax(-1).numpy() == preds["context"]).all()
+        probs = model(x).softmax(-1)
+    assert (probs.argmax(-1).numpy() == preds["context"]).all()
+    np.testing.assert_allclose(preds["context_confidence"], probs.max(-1).values.numpy(), rtol=1e-5)
 
 
 @pytest.mark.slow
