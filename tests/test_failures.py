@@ -149,4 +149,5 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_non_zero(tmp_path: Path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads((tmp_path / "version_0" / "summary.json").read_text())
     assert summary["global_step"] == steps
-    assert summary["train_images"] == (steps - stopped["global_step"]) * 8  # only the steps not done before
+    # only the steps not done before, each a batch of 8 and the default config's 2 context outliers
+    assert summary["train_images"] == (steps - stopped["global_step"]) * (8 + 2)

@@ -126,3 +126,10 @@ def test_fit_with_context_outliers(tmp_path: Path) -> None:
     summary = json.loads(next(tmp_path.rglob("summary.json")).read_text())
     assert summary["train_images"] == 3 * (8 + 2)  # batches of 8 plus 2 context-only images each
     assert 0.0 <= summary["metrics"]["train/acc1"] <= 1.0
+
+
+def test_mixup_with_context_outliers_fails_before_training(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(fit_args(tmp_path, "--model.mixup_alpha=0.2")) == 2  # the default config has context outliers
+    err = capsys.readouterr().err
+    assert "cannot mix the context outliers of data.context_outliers=2" in err
+    assert not list(tmp_path.rglob("*.ckpt"))
