@@ -181,10 +181,17 @@ class ImageClassifier(L.LightningModule):
 
     # --- checks -------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        """Run the network once on a batch shaped like the data, before any training."""
+        """Run the network once on a batch shaped like the data, before any training (and refuse Mixup/CutMix with
+        context outliers)."""
         data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if data is None or not hasattr(data, "in_chans"):
             return
+        outliers = getattr(data, "context_outliers", 0)
+        if stage == "fit" and outliers and self.mixup is not None:
+            raise ValueError(
+                "Mixup/CutMix (model.mixup_alpha / model.cutmix_alpha) cannot mix the context outliers of "
+                f"data.context_outliers={outliers}: set one of them to 0"
+            )
         self.check_input(data.in_chans, data.img_size, data.num_classes, getattr(data, "name", "the data"))
 
     def check_input(self, in_chans: int, img_size: int, num_classes: int, data_name: str = "the data") -> None:
