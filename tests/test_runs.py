@@ -127,6 +127,7 @@ def test_a_folder_in_use_is_not_resumed_into(tmp_path: Path, capsys) -> None:
     assert version_folders(tmp_path) == ["version_0"]
 
 
+@pytest.mark.slow  # two training processes on two cores: ~20 s; claim_run_folder's locking is tested below
 def test_two_fits_started_at_once_never_share_a_folder(tmp_path: Path) -> None:
     quiet = ("--trainer.logger=false", "--overlays.every_n_epochs=0")
     command = train_command(tmp_path, *quiet)
