@@ -65,6 +65,11 @@ def test_batches_end_with_the_context_only_images_of_their_first_items() -> None
         torch.testing.assert_close(outlier[inside], torch.full_like(outlier[inside], background))
         assert not torch.allclose(original[inside], outlier[inside])  # there was an object to blank
     assert not isinstance(_data().train_set, ContextOutliers)  # off by default
+    later = ImageDataModule(batch_size=6, num_workers=0, context_outliers=2)
+    later.setup("test")  # a test before the fit: the fit still gets its outliers
+    assert not isinstance(later.train_set, ContextOutliers)
+    later.setup("fit")
+    assert isinstance(later.train_set, ContextOutliers)
     _, val_targets = next(iter(data.val_dataloader()))  # validation and test never get outliers
     assert (val_targets >= 0).all()
 
@@ -87,6 +92,9 @@ def test_bad_context_outliers_values(tmp_path: Path) -> None:
             Image.fromarray(np.full((8, 8), 40 * k, dtype=np.uint8)).save(folder / name / f"{k}.png")
     data = ImageDataModule("image_folder", data_dir=str(tmp_path / "folder"), batch_size=2, num_workers=0,
                            context_outliers=1, img_size=8, val_fraction=0.0)  # fmt: skip
+    data.setup("predict")  # test/predict never read the train set: the boxes are needed only to train
+    assert type(data.train_set) is not ContextOutliers
+    assert len(data.test_set) > 0
     with pytest.raises(ValueError, match=r"data.context_outliers=1 needs object boxes.*'image_folder' has none"):
         data.setup("fit")
 

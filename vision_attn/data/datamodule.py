@@ -161,8 +161,12 @@ class ImageDataModule(L.LightningDataModule):
         return train, val, test
 
     def setup(self, stage: str | None = None) -> None:
-        """Build the datasets; the held-out splits are the same for a given ``seed`` on every process."""
-        if self.train_set is not None:
+        """Build the datasets; the held-out splits are the same for a given ``seed`` on every process.
+
+        Context outliers (which need object boxes) are added to the train set only for ``fit`` (or ``None``):
+        ``validate``/``test``/``predict`` never read the train set, so they work on any dataset."""
+        outliers = self.context_outliers if stage in (None, "fit") else 0
+        if self.train_set is not None and (not outliers or isinstance(self.train_set, ContextOutliers)):
             return
         train, val, test = self._splits()
         self.classes = list(getattr(train, "classes", []) or [str(i) for i in range(self.num_classes)])
@@ -192,9 +196,9 @@ class ImageDataModule(L.LightningDataModule):
                 f"{self.name!r}: the last partial batch is dropped, so no training step would run; lower "
                 "data.batch_size"
             )
-        if self.context_outliers:
-            self.train_set = ContextOutliers(train, self.train_transform, self.in_chans, train_idx,
-                                             self.context_outliers, name=f"dataset {self.name!r}")  # fmt: skip
+        if outliers:
+            self.train_set = ContextOutliers(train, self.train_transform, self.in_chans, train_idx, outliers,
+                                             name=f"dataset {self.name!r}")  # fmt: skip
         else:
             self.train_set = TransformedDataset(train, self.train_transform, self.in_chans, train_idx)
         self.test_set = TransformedDataset(test if test is not None else train, self.eval_transform, self.in_chans,
