@@ -13,6 +13,7 @@ from vision_attn.data import ImageDataModule, build_dataset, build_eval_transfor
 from vision_attn.data.cluttered import (
     DEFAULT_ASSET,
     ClutteredFashionMNIST,
+    load_cluttered,
     make_cluttered_fashion_mnist,
     save_npz_deterministic,
 )
@@ -51,6 +52,19 @@ def test_embedded_dataset_contents() -> None:
     assert ((x1 - x0) <= 28).all()
     assert ((y1 - y0) <= 28).all()
     assert ((x1 > x0) & (y1 > y0)).all()
+
+
+def test_a_split_reads_only_its_own_arrays(tmp_path: Path) -> None:
+    whole = load_cluttered()
+    assert {"train_images", "test_images", "classes", "meta"} <= set(whole)
+    test = ClutteredFashionMNIST("test")
+    np.testing.assert_array_equal(test.images, whole["test_images"])
+    np.testing.assert_array_equal(test.boxes, whole["test_boxes"])
+    # a file without the other split's arrays still gives this split
+    save_npz_deterministic(tmp_path / "test_only.npz", {k: v for k, v in whole.items() if not k.startswith("train")})
+    np.testing.assert_array_equal(ClutteredFashionMNIST("test", tmp_path / "test_only.npz").targets, test.targets)
+    with pytest.raises(ValueError, match=r"test_only.npz' is not a cluttered Fashion-MNIST file: .*'train_boxes'"):
+        ClutteredFashionMNIST("train", tmp_path / "test_only.npz")
 
 
 def test_generator_is_deterministic_and_boxes_hold_the_object(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ import io
 import json
 import os
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -189,8 +190,9 @@ def save_npz_deterministic(path: str | os.PathLike, arrays: dict[str, np.ndarray
             zf.writestr(info, buf.getvalue())
 
 
-def load_cluttered(path: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
-    """Load the cluttered Fashion-MNIST ``.npz`` (default: the shipped asset); returns its arrays by key."""
+def load_cluttered(path: str | os.PathLike | None = None, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Load the cluttered Fashion-MNIST ``.npz`` (default: the shipped asset); returns its arrays by key, all of them
+    or only ``keys`` (each array is decompressed when read, so a split alone loads faster)."""
     path = Path(path) if path is not None else DEFAULT_ASSET
     if not path.is_file():
         raise FileNotFoundError(
@@ -199,7 +201,13 @@ def load_cluttered(path: str | os.PathLike | None = None) -> dict[str, np.ndarra
             f"--out {path}"
         )
     with np.load(path, allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}
+        missing = sorted(set(keys or ()) - set(data.files))
+        if missing:
+            raise ValueError(
+                f"{str(path)!r} is not a cluttered Fashion-MNIST file: it has no arrays {missing} (it holds "
+                f"{sorted(data.files)})"
+            )
+        return {key: data[key] for key in (data.files if keys is None else keys)}
 
 
 class ClutteredFashionMNIST:
@@ -212,7 +220,8 @@ class ClutteredFashionMNIST:
     def __init__(self, split: str = "train", path: str | os.PathLike | None = None) -> None:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        arrays = load_cluttered(path)
+        keys = [f"{split}_images", f"{split}_labels", f"{split}_boxes", "classes", "meta"]
+        arrays = load_cluttered(path, keys=keys)  # the other split is never decompressed
         self.split = split
         self.images: np.ndarray = arrays[f"{split}_images"]
         self.targets: np.ndarray = arrays[f"{split}_labels"].astype(np.int64)
