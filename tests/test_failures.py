@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -125,6 +126,41 @@ def test_lightning_option_errors_exit_2_without_traceback(tmp_path: Path, capsys
     assert "Traceback" not in err
 
 
+def test_sigterm_in_process_saves_a_resumable_checkpoint_and_the_resume_trains_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """SIGTERM sent to this process during step 4 (Lightning's handler is installed for the fit); the separate-process
+    version below, a real ``kill -TERM`` from outside, runs with ``-m slow``."""
+    steps, signalled_at = 8, 4
+    step = ImageClassifier.training_step
+
+    def terminate(self, batch, batch_idx):
+        if self.global_step == signalled_at:
+            assert callable(signal.getsignal(signal.SIGTERM)), "no SIGTERM handler during the fit"
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, batch, batch_idx)
+
+    last = tmp_path / "version_0" / "checkpoints" / "last.ckpt"
+    before = signal.getsignal(signal.SIGTERM)
+    with monkeypatch.context() as patch:
+        patch.setattr(ImageClassifier, "training_step", terminate)
+        assert main(fit_args(tmp_path, *QUIET, steps=steps)) == SIGTERM_EXIT_CODE
+    assert signal.getsignal(signal.SIGTERM) == before, "the fit left its SIGTERM handler installed"
+    out, err = capsys.readouterr()
+    assert "stopped by SIGTERM; resume with --ckpt_path last" in err
+    stopped = torch.load(last, weights_only=True)
+    assert stopped["global_step"] == signalled_at + 1  # Lightning stops after the step it was signalled in
+    assert f"SIGTERM: saved a resumable checkpoint at step {signalled_at + 1}" in out
+    assert is_resumable(stopped)
+    assert not list((tmp_path / "version_0" / "export").iterdir()), "an interrupted fit exported its weights"
+    assert main(fit_args(tmp_path, *QUIET, "--ckpt_path=last", steps=steps)) == 0
+    summary = json.loads((tmp_path / "version_0" / "summary.json").read_text())
+    assert summary["global_step"] == steps
+    # only the steps not done before, each a batch of 8 and the default config's 2 context outliers
+    assert summary["train_images"] == (steps - signalled_at - 1) * (8 + 2)
+
+
+@pytest.mark.slow  # two fresh processes (~40 s); the in-process SIGTERM above checks the same by default
 def test_sigterm_saves_a_resumable_checkpoint_and_exits_non_zero(tmp_path: Path) -> None:
     steps = 60
     args = (*QUIET, "--step_checkpoint.every_n_train_steps=3")
