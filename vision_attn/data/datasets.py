@@ -202,8 +202,13 @@ class TransformedDataset(Dataset):
             indices = [index for index, _ in indices]
         return [self._load(index) for index in indices]
 
-    def _load(self, index: int) -> tuple[torch.Tensor, int]:
+    def _raw(self, index: int) -> tuple[int, np.ndarray, int]:
+        """Item ``index`` before the transform: its index in ``base``, its uint8 image array and its label."""
         if self.indices is not None:
             index = int(self.indices[index])
         image, label = self.base[index]
-        return self.transform(image=self._to_array(image))["image"], int(label)
+        return index, self._to_array(image), int(label)
+
+    def _load(self, index: int) -> tuple[torch.Tensor, int]:
+        _, array, label = self._raw(index)
+        return self.transform(image=array)["image"], label

@@ -72,9 +72,6 @@ class ContextOutliers(TransformedDataset):
         return items + [self._load_context(index) for index in first]
 
     def _load_context(self, index: int) -> tuple[torch.Tensor, int]:
-        if self.indices is not None:
-            index = int(self.indices[index])
-        image, _ = self.base[index]
-        box = np.asarray(self.base.boxes[index])[None]  # type: ignore[attr-defined]
-        array = blank(self._to_array(image)[None], box, "context")[0]
-        return self.transform(image=array)["image"], OUTLIER_LABEL
+        base_index, array, _ = self._raw(index)
+        box = np.asarray(self.base.boxes[base_index])[None]  # type: ignore[attr-defined]
+        return self.transform(image=blank(array[None], box, "context")[0])["image"], OUTLIER_LABEL
