@@ -11,9 +11,12 @@ Usage::
 
     python benchmarks/main_job.py                 # ~6 minutes; prints the tables
     python benchmarks/main_job.py --write-docs    # also rewrites README.md / docs and assets/explain_grid.png
+    python benchmarks/main_job.py --budget 4 --write-docs   # the same job with 4x the epochs and time cap: how far
+                                                            # accuracy goes with more CPU (docs/training.md only)
 
 ``--write-docs`` refuses to write when the machine was not quiet before the run (see ``_machine.settle``);
-``--allow-load`` overrides, for experiments only.
+``--allow-load`` overrides, for experiments only. It also refuses extra ``train.py`` overrides: the docs describe the
+default config (``--budget`` scales only its ``trainer.max_epochs`` and ``trainer.max_time``).
 """
 
 from __future__ import annotations
@@ -27,11 +30,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _machine import REPO, docs_allowed, settle, write_block  # benchmarks/ is on sys.path when run
+import yaml
+from _machine import REPO, docs_allowed, publish, settle, write_block  # benchmarks/ is on sys.path when run
 
 from vision_attn._io import atomic_write_bytes, atomic_write_text
 
-RUN_DIR = REPO / "runs" / "bench_main_job"
+RUN_DIR = REPO / "runs" / "bench_main_job"  # the default job only: context_probe.py reads its newest export
+OTHER_RUN_DIR = REPO / "runs" / "bench_main_job_other"  # runs with --budget or overrides
+CONFIG = REPO / "configs" / "default.yaml"
 METHODS = ("rollout", "gradient_rollout", "attention", "random")
 
 
@@ -43,15 +49,31 @@ def run(cmd: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def main_job(extra: list[str]) -> dict[str, Any]:
+def main_job(extra: list[str], run_dir: Path = RUN_DIR) -> dict[str, Any]:
     """Train the default config once; returns its ``summary.json`` plus the process wall time and run folder."""
     started = time.time()
-    wall = run([sys.executable, "train.py", "fit", "--config", "configs/default.yaml", f"--run_dir={RUN_DIR}", *extra])
-    summaries = [p for p in RUN_DIR.glob("version_*/summary.json") if p.stat().st_mtime >= started]
+    wall = run([sys.executable, "train.py", "fit", "--config", "configs/default.yaml", f"--run_dir={run_dir}", *extra])
+    summaries = [p for p in run_dir.glob("version_*/summary.json") if p.stat().st_mtime >= started]
     if not summaries:
-        raise RuntimeError(f"the main job wrote no summary.json under {RUN_DIR}")
+        raise RuntimeError(f"the main job wrote no summary.json under {run_dir}")
     path = max(summaries, key=lambda p: p.stat().st_mtime)
     return {**json.loads(path.read_text()), "process_seconds": round(wall, 1), "run_folder": str(path.parent)}
+
+
+def budget_overrides(budget: float, config: Path = CONFIG) -> list[str]:
+    """``train.py`` overrides that scale ``config``'s ``trainer.max_epochs`` and ``trainer.max_time`` by ``budget``."""
+    if not budget > 0:
+        raise ValueError(f"--budget must be > 0, got {budget}")
+    trainer = yaml.safe_load(config.read_text())["trainer"]
+    days, hours, minutes, seconds = (int(v) for v in str(trainer["max_time"]).split(":"))
+    total = round(budget * (((days * 24 + hours) * 60 + minutes) * 60 + seconds))
+    minutes, seconds = divmod(total, 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    return [
+        f"--trainer.max_epochs={max(1, round(budget * trainer['max_epochs']))}",
+        f"--trainer.max_time={days:02d}:{hours:02d}:{minutes:02d}:{seconds:02d}",
+    ]
 
 
 def explain_scores(export: Path, out: Path) -> dict[str, Any]:
@@ -72,7 +94,7 @@ def figure(export: Path, out: Path) -> Path:
     return out / "grid.png"
 
 
-def job_table(summary: dict[str, Any], load: dict[str, Any]) -> str:
+def job_table(summary: dict[str, Any], load: dict[str, Any], title: str = "main job (`configs/default.yaml`)") -> str:
     """Markdown table of the main job's figures."""
     test = summary.get("test", {}).get("metrics", {})
     minutes, seconds = divmod(round(summary["process_seconds"]), 60)
@@ -82,11 +104,13 @@ def job_table(summary: dict[str, Any], load: dict[str, Any]) -> str:
         ("epochs / optimizer steps", f"{summary['epochs']} / {summary['global_step']}"),
         ("training images/s", f"{summary['train_images_per_second']:.0f}"),
         ("parameters", f"{summary['num_parameters'] / 1e6:.2f}M"),
+        ("best val/acc1 (400 hold-out images of the train split: selects the checkpoint)",
+         f"{100 * summary.get('best_model_score', float('nan')):.1f} %"),
         ("test top-1 / top-5 (1,000 images, once, best checkpoint by val/acc1)",
          f"**{100 * test.get('test/acc1', float('nan')):.1f} %** / {100 * test.get('test/acc5', float('nan')):.1f} %"),
         ("1-minute load average before the run (2 cores)", f"{load['loadavg'][0]}"),
     ]  # fmt: skip
-    return "\n".join(["| main job (`configs/default.yaml`) | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]])
+    return "\n".join([f"| {title} | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]])
 
 
 def scores_table(scores: dict[str, dict[str, float]]) -> str:
@@ -120,14 +144,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=240.0, help="seconds to wait for a quiet machine")
     parser.add_argument("--allow-load", action="store_true", help="write docs even if the machine was busy")
     parser.add_argument("--write-docs", action="store_true", help="rewrite README/docs tables and the figure")
+    parser.add_argument("--budget", type=float, default=1.0, help="scale trainer.max_epochs and max_time by this")
     parser.add_argument("extra", nargs="*", help="more train.py overrides, after --")
     args = parser.parse_args(argv)
+    if args.write_docs and args.extra:
+        parser.error(f"--write-docs documents the default config; drop the train.py overrides {args.extra}")
+    try:
+        budget = budget_overrides(args.budget) if args.budget != 1 else []
+    except ValueError as error:
+        parser.error(str(error))
 
     load = settle(args.max_load, args.settle)
     print(f"load before the run: {load}", flush=True)
-    summary = main_job(args.extra)
+    summary = main_job(budget + args.extra, RUN_DIR if not (budget or args.extra) else OTHER_RUN_DIR)
     export = Path(summary["run_folder"]) / "export"
     scores = explain_scores(export, Path(summary["run_folder"]) / "explain")
+    if budget or args.extra:
+        what = f"{args.budget:g}x the budget" if budget else "overrides"
+        title = f"main job with {what} (`configs/default.yaml {' '.join(budget + args.extra)}`)"
+        maps = scores_table(scores["summary"])
+        text = f"{job_table(summary, load, title)}\n\nIts maps on the 1,000 test images:\n\n{maps}"
+        print(text)
+        if not args.write_docs:
+            return 0
+        made_by = f"\n\nMade by `python benchmarks/main_job.py --budget {args.budget:g} --write-docs`."
+        return publish("main_job_budget", text + made_by, [REPO / "docs" / "training.md"], load, args.allow_load)
     grid = figure(export, Path(summary["run_folder"]) / "explain_figure")
     texts = {
         "main_job": job_table(summary, load),

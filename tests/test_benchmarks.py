@@ -44,6 +44,7 @@ def test_write_block_refuses_a_file_without_the_block(tmp_path: Path) -> None:
 def test_docs_carry_every_block_the_benchmarks_write() -> None:
     blocks = {
         "main_job": ["README.md", "docs/training.md"],
+        "main_job_budget": ["docs/training.md"],
         "explain_scores": ["README.md", "docs/explain.md"],
         "explain_per_class": ["docs/explain.md"],
         "context_probe": ["docs/explain.md"],
@@ -219,3 +220,90 @@ def test_docs_allowed_names_when_the_machine_was_busy(capsys) -> None:
     assert _machine.docs_allowed(False, True, "before x")
     assert not _machine.docs_allowed(False, False, "before ['resnet18']")
     assert "not writing docs: the machine was busy before ['resnet18']; rerun" in capsys.readouterr().err
+
+
+def test_main_job_budget_scales_the_default_configs_epochs_and_time_cap(tmp_path: Path) -> None:
+    import main_job
+    import yaml
+
+    trainer = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())["trainer"]
+    epochs, time_cap = main_job.budget_overrides(2)
+    assert epochs == f"--trainer.max_epochs={2 * trainer['max_epochs']}"
+    days, hours, minutes, seconds = (int(v) for v in trainer["max_time"].split(":"))
+    doubled = 2 * (((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+    assert time_cap == f"--trainer.max_time=00:{doubled // 3600:02d}:{doubled // 60 % 60:02d}:{doubled % 60:02d}"
+    config = tmp_path / "c.yaml"
+    config.write_text("trainer:\n  max_epochs: 3\n  max_time: '00:20:00:30'\n")
+    assert main_job.budget_overrides(1.5, config) == ["--trainer.max_epochs=4", "--trainer.max_time=01:06:00:45"]
+    with pytest.raises(ValueError, match="--budget must be > 0, got 0"):
+        main_job.budget_overrides(0, config)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--write-docs", "--", "--trainer.max_epochs=1"], "--write-docs documents the default config"),
+        (["--budget", "-1"], "--budget must be > 0, got -1"),
+    ],
+)
+def test_main_job_refuses_docs_for_another_job_and_a_bad_budget_before_training(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import main_job
+
+    monkeypatch.setattr(main_job, "main_job", lambda *a, **k: pytest.fail("trained although the arguments are bad"))
+    with pytest.raises(SystemExit) as exit_:
+        main_job.main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_main_job_table_shows_the_selection_score_and_the_title() -> None:
+    import main_job
+
+    summary = {
+        "process_seconds": 125.4, "fit_seconds": 100.0, "epochs": 2, "global_step": 20,
+        "train_images_per_second": 300.0, "num_parameters": 235227, "best_model_score": 0.8219,
+        "test": {"metrics": {"test/acc1": 0.8, "test/acc5": 0.996}},
+    }  # fmt: skip
+    lines = main_job.job_table(summary, {"loadavg": [0.5, 0.4, 0.3]}, "main job x2").splitlines()
+    assert lines[0] == "| main job x2 | |"
+    assert "| best val/acc1 (400 hold-out images of the train split: selects the checkpoint) | 82.2 % |" in lines
+    assert "| wall time, whole process (start-up, training, validation, test, export) | **2 min 5 s** |" in lines
+    assert any(line.endswith("| **80.0 %** / 99.6 % |") for line in lines)
+
+
+def test_main_job_budget_run_writes_only_its_own_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import main_job
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "training.md").write_text(
+        "<!-- main_job:start -->\nthe default job\n<!-- main_job:end -->\n"
+        "<!-- main_job_budget:start -->\nSTALE TABLE\n<!-- main_job_budget:end -->\n"
+    )
+    calls = {}
+
+    def fake_job(extra: list[str], run_dir: Path) -> dict:
+        calls["job"] = (extra, run_dir)
+        return {
+            "process_seconds": 1000.0, "fit_seconds": 980.0, "epochs": 72, "global_step": 8064,
+            "train_images_per_second": 290.0, "num_parameters": 235227, "best_model_score": 0.87,
+            "test": {"metrics": {"test/acc1": 0.85, "test/acc5": 0.995}}, "run_folder": str(tmp_path / "run"),
+        }  # fmt: skip
+
+    scores = {m: {"pointing_game": 0.9, "energy_pointing": 0.5, "deletion_auc": 0.2} for m in main_job.METHODS}
+    monkeypatch.setattr(main_job, "REPO", tmp_path)
+    monkeypatch.setattr(main_job, "settle", lambda *a: {"loadavg": [0.5, 0.5, 0.5], "cpu_busy": 0.0, "quiet": True})
+    monkeypatch.setattr(main_job, "main_job", fake_job)
+    monkeypatch.setattr(main_job, "explain_scores", lambda *a: {"summary": scores, "summary_per_class": {}})
+    monkeypatch.setattr(main_job, "figure", lambda *a: pytest.fail("a budget run does not redraw the docs figure"))
+    assert main_job.main(["--budget", "4", "--write-docs"]) == 0
+    assert calls["job"] == (main_job.budget_overrides(4), main_job.OTHER_RUN_DIR)
+    text = (docs / "training.md").read_text()
+    assert "the default job" in text  # the default job's block is left alone
+    assert "STALE TABLE" not in text
+    assert "| main job with 4x the budget (`configs/default.yaml --trainer.max_epochs=" in text
+    assert "| **85.0 %** / 99.5 % |" in text
+    assert "| rollout | 0.900 | 0.500 | 0.200 |" in text
+    assert "Made by `python benchmarks/main_job.py --budget 4 --write-docs`." in text
