@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -64,8 +65,14 @@ def budget_overrides(budget: float, config: Path = CONFIG) -> list[str]:
     """``train.py`` overrides that scale ``config``'s ``trainer.max_epochs`` and ``trainer.max_time`` by ``budget``."""
     if not budget > 0:
         raise ValueError(f"--budget must be > 0, got {budget}")
-    trainer = yaml.safe_load(config.read_text())["trainer"]
-    days, hours, minutes, seconds = (int(v) for v in str(trainer["max_time"]).split(":"))
+    trainer = (yaml.safe_load(config.read_text()) or {}).get("trainer") or {}
+    max_time = str(trainer.get("max_time"))
+    if not isinstance(trainer.get("max_epochs"), int) or not re.fullmatch(r"\d+:\d+:\d+:\d+", max_time):
+        raise ValueError(
+            f"{config} needs trainer.max_epochs (an int) and trainer.max_time ('DD:HH:MM:SS') to scale; "
+            f"got {trainer.get('max_epochs')!r} and {trainer.get('max_time')!r}"
+        )
+    days, hours, minutes, seconds = (int(v) for v in max_time.split(":"))
     total = round(budget * (((days * 24 + hours) * 60 + minutes) * 60 + seconds))
     minutes, seconds = divmod(total, 60)
     hours, minutes = divmod(minutes, 60)

@@ -237,6 +237,9 @@ def test_main_job_budget_scales_the_default_configs_epochs_and_time_cap(tmp_path
     assert main_job.budget_overrides(1.5, config) == ["--trainer.max_epochs=4", "--trainer.max_time=01:06:00:45"]
     with pytest.raises(ValueError, match="--budget must be > 0, got 0"):
         main_job.budget_overrides(0, config)
+    config.write_text("trainer:\n  max_epochs: 3\n")
+    with pytest.raises(ValueError, match=r"c\.yaml needs trainer\.max_epochs .* got 3 and None"):
+        main_job.budget_overrides(2, config)
 
 
 @pytest.mark.parametrize(
