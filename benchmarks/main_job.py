@@ -163,10 +163,11 @@ def main(argv: list[str] | None = None) -> int:
 
     load = settle(args.max_load, args.settle)
     print(f"load before the run: {load}", flush=True)
-    summary = main_job(budget + args.extra, RUN_DIR if not (budget or args.extra) else OTHER_RUN_DIR)
+    default_job = not (budget or args.extra)
+    summary = main_job(budget + args.extra, RUN_DIR if default_job else OTHER_RUN_DIR)
     export = Path(summary["run_folder"]) / "export"
     scores = explain_scores(export, Path(summary["run_folder"]) / "explain")
-    if budget or args.extra:
+    if not default_job:
         what = f"{args.budget:g}x the budget" if budget else "overrides"
         title = f"main job with {what} (`configs/default.yaml {' '.join(budget + args.extra)}`)"
         maps = scores_table(scores["summary"])
