@@ -67,6 +67,30 @@ def test_pointing_and_energy_perfect_and_elsewhere() -> None:
     assert pointing_game(peak_outside, BOXES, tolerance=4).tolist() == [1.0, 0.0]
 
 
+def test_pointing_game_splits_tied_maxima() -> None:
+    plateau = torch.zeros(2, 16, 16)
+    plateau[:, 0:4, 0:8] = 1.0  # a flat maximum: rows 0-3, columns 0-7
+    boxes = torch.tensor([[4.0, 0.0, 12.0, 16.0], [8.0, 0.0, 16.0, 16.0]])
+    assert pointing_game(plateau, boxes).tolist() == [0.5, 0.0]  # half the tied pixels in the first box
+    assert pointing_game(plateau, boxes, tolerance=2).tolist() == [0.75, 0.25]
+    uniform = torch.zeros(2, 16, 16)
+    area = box_masks(BOXES, (16, 16)).flatten(1).float().mean(dim=1)
+    torch.testing.assert_close(pointing_game(uniform, BOXES), area)
+    rounding = torch.zeros(1, 16, 16)
+    rounding[0, 5, 5], rounding[0, 5, 12] = 1.0, 1.0 - 1e-7  # equal up to float32 rounding
+    assert pointing_game(rounding, BOXES[:1]).tolist() == [0.5]
+
+
+def test_pointing_game_of_upsampled_coarse_maps_is_flip_invariant() -> None:
+    # bilinear upsampling keeps edge cells flat out to the border: mirrored map and box must score the same
+    coarse = torch.rand(64, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    maps = torch.nn.functional.interpolate(coarse, size=(16, 16), mode="bilinear", align_corners=False)[:, 0]
+    boxes = torch.tensor([[2.0, 0.0, 6.0, 16.0], [10.0, 0.0, 14.0, 16.0]]).repeat(32, 1)
+    mirrored = torch.stack([16 - boxes[:, 2], boxes[:, 1], 16 - boxes[:, 0], boxes[:, 3]], dim=1)
+    scores = pointing_game(maps, boxes)
+    torch.testing.assert_close(pointing_game(maps.flip(-1), mirrored), scores)
+    assert set(scores.tolist()) == {0.0, 0.5}  # a corner cell's plateau is 4 columns wide, 2 of them in the box
+
 def test_random_baseline_scores_box_area_share() -> None:
     boxes = BOXES.repeat(256, 1)
     maps = random_maps(512, (16, 16), seed=0)

@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 SUBSTRATES = ("zero", "blur", "mean")
+_TIE_RTOL = 1e-6  # pixels this close to a map's maximum tie with it (a few float32 rounding steps)
 
 
 def _check_maps(maps: torch.Tensor, name: str = "maps") -> None:
@@ -68,18 +69,24 @@ def _masks_for(maps: torch.Tensor, boxes: torch.Tensor | Sequence[Sequence[float
 def pointing_game(
     maps: torch.Tensor, boxes: torch.Tensor | Sequence[Sequence[float]], tolerance: int = 0
 ) -> torch.Tensor:
-    """Pointing game (Zhang et al. 2016, "Top-down Neural Attention by Excitation Backprop"): ``[B]`` of 0/1.
+    """Pointing game (Zhang et al. 2016, "Top-down Neural Attention by Excitation Backprop"): ``[B]`` in [0, 1].
 
-    1 where the map's maximum (the first one, in row-major order) lies inside the box grown by ``tolerance``
-    pixels on each side.
+    1 where the map's maximum lies inside the box grown by ``tolerance`` pixels on each side, 0 where it lies
+    outside. Where several pixels tie for the maximum (within a relative ``1e-6``), the score is the share of
+    them inside the grown box: the expected hit when one of them is picked at random. A coarse map upsampled
+    bilinearly has such ties (an edge cell's value stays flat out to the image border), and taking the first
+    maximum in row-major order would put its peak on the border whatever the map shows; a uniform map scores
+    the box's area share.
     """
     if not isinstance(tolerance, int) or tolerance < 0:
         raise ValueError(f"tolerance must be an int >= 0 (pixels), got {tolerance!r}")
     boxes = torch.as_tensor(boxes, dtype=torch.float32)
     grown = boxes + torch.tensor([-tolerance, -tolerance, tolerance, tolerance], dtype=torch.float32)
-    masks = _masks_for(maps, grown)
-    peak = maps.flatten(1).argmax(dim=1)
-    return masks.flatten(1).gather(1, peak[:, None])[:, 0].float()
+    masks = _masks_for(maps, grown).flatten(1)
+    flat = maps.detach().float().flatten(1)
+    peak = flat.amax(dim=1, keepdim=True)
+    tied = flat >= peak - _TIE_RTOL * peak.abs()
+    return (tied & masks).sum(dim=1).float() / tied.sum(dim=1).float()
 
 
 def energy_pointing(maps: torch.Tensor, boxes: torch.Tensor | Sequence[Sequence[float]]) -> torch.Tensor:
