@@ -91,6 +91,7 @@ def test_pointing_game_of_upsampled_coarse_maps_is_flip_invariant() -> None:
     torch.testing.assert_close(pointing_game(maps.flip(-1), mirrored), scores)
     assert set(scores.tolist()) == {0.0, 0.5}  # a corner cell's plateau is 4 columns wide, 2 of them in the box
 
+
 def test_random_baseline_scores_box_area_share() -> None:
     boxes = BOXES.repeat(256, 1)
     maps = random_maps(512, (16, 16), seed=0)
