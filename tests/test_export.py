@@ -216,19 +216,21 @@ def test_load_trained_reads_every_format_we_write(tmp_path):
         torch.testing.assert_close(logits(model, X), expected, atol=0, rtol=0)
 
 
-def test_explain_cli_loads_through_the_loader(tmp_path):
-    from vision_attn.explain.cli import load_model
-
+def test_load_model_opens_weights_through_the_loader_and_names_alone(tmp_path):
     ckpt = tmp_path / "last.ckpt"
     _, ema = train_checkpoint(ckpt)
     out = write_export(ema, tmp_path / "export", meta={**META, "model_args": {"depth": 1}}).folder
     for source in (ckpt, out):
-        model, info = load_model(checkpoint=source)
+        model, info = vision_attn.load_model(checkpoint=source)
         torch.testing.assert_close(logits(model, X), logits(ema, X), atol=0, rtol=0)
-        trained_at = info.pop("img_size", None)  # only the training checkpoint records the data's img_size
-        assert trained_at in (None, 32)
-        assert info == {"name": "va_vit_tiny_patch4_32", "mean": [0.25], "std": [0.5], "class_names": CLASSES,
-                        "input_size": (32, 32)}  # fmt: skip
+        assert info["model_name"] == "va_vit_tiny_patch4_32"
+        assert info["class_names"] == CLASSES
+        config = vision_attn.resolve_data_config(model, info)
+        assert config["input_size"] == (1, 32, 32)
+        assert (config["mean"], config["std"]) == ((0.25,), (0.5,))
+    model, info = vision_attn.load_model(model_name="va_vit_tiny_patch4_32", model_args={"depth": 1, "in_chans": 1})
+    assert (info["weights"], info["source"]) == ("random", "model_name")
+    assert vision_attn.resolve_data_config(model, info) == vision_attn.resolve_data_config(model)  # its own config
 
 
 @pytest.mark.parametrize("use_best", [True, False])

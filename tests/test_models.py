@@ -100,10 +100,13 @@ def test_unknown_name_says_so_and_suggests():
         vision_attn.create_model("va_vit_tiny_patch4_23")
 
 
-def test_timm_names_are_not_ours():
-    with pytest.raises(ValueError, match="not a vision_attn model"):
-        vision_attn.create_model("vit_tiny_patch16_224")
+def test_create_model_builds_timm_names_too_but_lists_only_ours():
+    model = vision_attn.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=3)
+    assert type(model) is timm.models.vision_transformer.VisionTransformer  # one builder for every name
+    assert "vit_tiny_patch16_224" not in vision_attn.list_models()
     assert not set(MODEL_NAMES) & set(timm.list_models(module="vision_transformer"))
+    with pytest.raises(ValueError, match="neither a vision_attn model nor a timm model"):
+        vision_attn.create_model("vit_tiny_patch16_2244")
 
 
 def test_list_models_pattern():

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from vision_attn._data_config import resolve_data_config
 from vision_attn._io import atomic_dir
 from vision_attn.export.hub import write_hub_files
 from vision_attn.export.programs import (
@@ -19,14 +20,15 @@ from vision_attn.export.programs import (
     write_onnx,
     write_torchscript,
 )
-from vision_attn.models._loading import load_trained, model_input_size, recorded_model_args
+from vision_attn.models._loading import load_trained, recorded_model_args
 
 __all__ = ["FORMATS", "ExportResult", "check_out_folder", "export_trained", "write_export"]
 
 FORMATS = ("hub", "onnx", "torchscript", "pt2")
 FILE_NAMES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "pt2": "model.pt2"}
-META_KEYS = ("model_name", "model_args", "class_names", "mean", "std", "input_size", "num_classes", "in_chans",
-             "img_size", "data_name", "epoch", "global_step", "source_checkpoint", "weights")  # fmt: skip
+META_KEYS = ("model_name", "model_args", "class_names", "mean", "std", "input_size", "crop_pct", "interpolation",
+             "crop_mode", "num_classes", "in_chans", "img_size", "data_name", "epoch", "global_step",
+             "source_checkpoint", "weights")  # fmt: skip
 
 
 @dataclass
@@ -73,18 +75,18 @@ def check_out_folder(out: str | os.PathLike, stem: str = "model") -> None:
 
 
 def _normalize_meta(model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
-    """Metadata to store with the weights: model name/args, class names, mean/std and ``input_size`` (C, H, W)."""
+    """Metadata to store with the weights: model name/args, class names and the eval preprocessing (``input_size``
+    (C, H, W), mean/std, ``crop_pct``, ``interpolation``, ``crop_mode``)."""
     meta = dict(meta)
     if "classes" in meta and "class_names" not in meta:
         meta["class_names"] = meta.pop("classes")
     meta.setdefault("model_name", (getattr(model, "pretrained_cfg", None) or {}).get("architecture"))
     meta["model_args"] = recorded_model_args(model, dict(meta.get("model_args") or {}))
-    meta["input_size"] = list(model_input_size(model, meta))
     meta["num_classes"] = getattr(model, "num_classes", meta.get("num_classes"))
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    for key in ("mean", "std"):
-        value = meta.get(key) if meta.get(key) is not None else cfg.get(key)
-        meta[key] = [float(v) for v in value] if value is not None else None
+    config = resolve_data_config(model, meta)  # the eval preprocessing: as given, else the model's own
+    meta.update(config, input_size=list(config["input_size"]), mean=list(config["mean"]), std=list(config["std"]))
+    if meta.get("source_checkpoint"):  # a file name, never a path of the machine that trained it
+        meta["source_checkpoint"] = Path(meta["source_checkpoint"]).name
     return {k: meta[k] for k in META_KEYS if meta.get(k) is not None}
 
 

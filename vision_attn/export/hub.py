@@ -35,14 +35,15 @@ def hub_config_fields(model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _save_config(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
-    """timm's ``save_config_for_hf`` with the trained data's mean/std/input size in ``pretrained_cfg``."""
+    """timm's ``save_config_for_hf`` with the eval preprocessing (input size, mean/std, crop, interpolation) in
+    ``pretrained_cfg``, so timm's own ``resolve_data_config`` builds the pipeline validation used."""
     from timm.models._hub import save_config_for_hf
 
     original = model.pretrained_cfg
     cfg = dict(original)
-    for key in ("mean", "std", "input_size"):
+    for key in ("mean", "std", "input_size", "crop_pct", "interpolation", "crop_mode"):
         if meta.get(key) is not None:
-            cfg[key] = tuple(meta[key])
+            cfg[key] = tuple(meta[key]) if isinstance(meta[key], (list, tuple)) else meta[key]
     cfg["num_classes"] = getattr(model, "num_classes", cfg.get("num_classes"))
     model.pretrained_cfg = cfg  # timm reads the preprocessing from here; restored below
     try:

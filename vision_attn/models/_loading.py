@@ -1,138 +1,27 @@
-"""One loader for every trained-weights format vision_attn writes: :func:`load_trained` ``-> (model, info)``.
+"""One loader of trained weights, :func:`load_trained` ``-> (model, info)``, and :func:`load_model`, which opens a
+model by its weights or by its name, for the entry points that run a model on a user's images (``vision-attn
+explain``, the map evaluation, the app, ``vision-attn export``).
 
-It is what ``create_model(checkpoint_path=...)``, ``vision-attn export`` and ``vision-attn explain`` use. Loading is
-strict: the model arguments come from the weights' metadata, arguments that contradict them are an error (only
-drop rates and ``dynamic_img_size`` may change), weights of another shape are an error unless
-``resample_weights=True`` asks for position/patch-embedding resampling.
+``info`` carries the model's eval preprocessing (``input_size``, ``crop_pct``, ``interpolation``, ``crop_mode``,
+``mean``, ``std``): :func:`vision_attn.data.resolve_data_config` turns it into the data config the eval transform
+is built from.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
+import warnings
 from typing import Any
 
-import timm
 from torch import nn
 
-from vision_attn.models._registry import create_model, fit_state_dict, list_models
-from vision_attn.models._weights import TrainedWeights, read_weights
+from vision_attn._data_config import EVAL_DEFAULTS, resolve_data_config
+from vision_attn.models._factory import build_from_weights, create_model
+from vision_attn.models._weights import read_weights
 
-__all__ = [
-    "RUNTIME_ARGS",
-    "build_from_weights",
-    "build_model",
-    "load_trained",
-    "model_input_size",
-    "recorded_model_args",
-]
+__all__ = ["load_model", "load_trained", "recorded_model_args"]
 
-# arguments that change how a network runs, not which weights it has
-RUNTIME_ARGS = frozenset(
-    {"drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate", "drop_block_rate",
-     "dynamic_img_size"}
-)  # fmt: skip
-
-
-def _is_known(model_name: str) -> bool:
-    return model_name in list_models() or timm.is_model(model_name)
-
-
-def _unknown(model_name: str, where: str) -> ValueError:
-    close = difflib.get_close_matches(model_name, list_models(), n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else " (see vision_attn.list_models(), timm.list_models())"
-    return ValueError(f"{where}model {model_name!r} is neither a vision_attn model nor a timm model{hint}")
-
-
-def build_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """Build ``model_name``, a vision_attn name (:func:`create_model`) or any timm name; returns the module."""
-    if not isinstance(model_name, str):
-        raise TypeError(f"model_name must be a str, got {type(model_name).__name__}")
-    if model_name in list_models():
-        return create_model(model_name, pretrained=pretrained, **kwargs)
-    if not timm.is_model(model_name):
-        raise _unknown(model_name, "")
-    return timm.create_model(model_name, pretrained=pretrained, **kwargs)
-
-
-def _pair(value: Any) -> Any:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value, value]
-    return list(value) if isinstance(value, (list, tuple)) else value
-
-
-def _same(key: str, a: Any, b: Any) -> bool:
-    if key == "img_size":
-        return _pair(a) == _pair(b)
-    norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731 (JSON turns tuples into lists)
-    return norm(a) == norm(b)
-
-
-def _current_value(model: nn.Module, key: str) -> Any:
-    """What ``model`` was built with for argument ``key``, or ``Ellipsis`` when it cannot be read back."""
-    if key == "img_size":
-        patch_embed = getattr(model, "patch_embed", None)
-        return getattr(patch_embed, "img_size", getattr(model, "img_size", ...))
-    value = getattr(model, key, ...)
-    return value if isinstance(value, (int, float, str, bool, list, tuple, type(None))) else ...
-
-
-def _merge_args(weights: TrainedWeights, name: str, given: dict[str, Any], resample_weights: bool) -> dict[str, Any]:
-    """The stored model arguments updated by ``given``, refusing values that contradict the weights."""
-    stored = dict(weights.meta.get("model_args") or {})
-    if not weights.meta.get("model_name"):  # bare weights: the caller's arguments are the only description
-        return {**stored, **given}
-    where = f"{str(weights.path)!r}"
-    unrecorded = [k for k in given if k not in RUNTIME_ARGS and k not in stored]
-    reference = build_model(name, **stored) if unrecorded else None
-    for key, value in given.items():
-        if key in RUNTIME_ARGS:
-            continue
-        have = stored[key] if key in stored else _current_value(reference, key)
-        if have is ...:
-            raise ValueError(
-                f"model_args {key}={value!r} is not recorded with {where} and cannot be checked against its weights; "
-                f"leave it out (the stored model_args are {stored})"
-            )
-        if not _same(key, have, value) and not (key == "img_size" and resample_weights):
-            hint = "; pass resample_weights=True (--resample-weights) to resample" if key == "img_size" else ""
-            raise ValueError(
-                f"model_args {key}={value!r} contradicts {where}, whose weights were trained with {key}={have!r}; "
-                f"leave it out{hint}"
-            )
-    return {**stored, **given}
-
-
-def build_from_weights(
-    weights: TrainedWeights,
-    model_name: str | None = None,
-    model_args: dict[str, Any] | None = None,
-    resample_weights: bool = False,
-    pretrained: bool = False,
-) -> nn.Module:
-    """Build the model ``weights`` describes (or ``model_name`` for bare weights) and load them strictly.
-
-    Returns the module. ``model_args`` may change drop rates; other values must agree with the stored ones.
-    """
-    given = dict(model_args or {})
-    where = f"{str(weights.path)!r}"
-    stored_name = weights.meta.get("model_name")
-    if model_name is not None and stored_name is not None and model_name != stored_name:
-        raise ValueError(
-            f"{where} holds weights of {stored_name!r}, not {model_name!r}; leave the model name out, or load them "
-            "into another architecture on purpose with vision_attn.load_checkpoint(model, path)"
-        )
-    name = stored_name or model_name
-    if name is None:
-        raise ValueError(
-            f"{where} does not say which model its weights belong to (no vision_attn metadata, model.json or "
-            "config.json); give the model name (model_name= / --model NAME)"
-        )
-    if not _is_known(name):
-        raise _unknown(name, f"{where} names a ")
-    args = _merge_args(weights, name, given, resample_weights)
-    model = build_model(name, pretrained=pretrained, **args)
-    return fit_state_dict(model, weights.state_dict, where, resample_weights=resample_weights)
+_WARNED: set[str] = set()  # files whose missing eval preprocessing was reported (once per process and file)
 
 
 def _is_json(value: Any) -> bool:
@@ -158,19 +47,24 @@ def recorded_model_args(model: nn.Module, given: dict[str, Any] | None = None) -
     return args
 
 
-def model_input_size(model: nn.Module, meta: dict[str, Any] | None = None) -> tuple[int, int, int]:
-    """Return ``(C, H, W)`` the model takes: its own img_size, else the metadata's, else its pretrained config's."""
-    meta = meta or {}
-    cfg_size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size") or (3, 224, 224))
-    meta_size = meta.get("input_size")
-    if isinstance(meta_size, (list, tuple)) and len(meta_size) == 3:
-        cfg_size = tuple(meta_size)
-    elif meta.get("img_size") is not None:
-        cfg_size = (cfg_size[0], *_pair(meta["img_size"]))
-    size = _current_value(model, "img_size")
-    height, width = (_pair(size) if size is not ... and size is not None else cfg_size[1:])[:2]
-    channels = getattr(model, "in_chans", None) or meta.get("in_chans") or cfg_size[0]
-    return int(channels), int(height), int(width)
+def _eval_preprocessing(model: nn.Module, meta: dict[str, Any], path: str) -> dict[str, Any]:
+    """The data config of weights with metadata ``meta``: as recorded; for weights that vision_attn wrote before the
+    eval preprocessing was recorded, the defaults validation used then (said once per file); for bare weights, the
+    model's own pretrained config."""
+    recorded = bool(meta.get("model_name")) and meta.get("mean") is not None
+    missing = [k for k in EVAL_DEFAULTS if meta.get(k) is None]
+    if recorded and missing:
+        meta = {**EVAL_DEFAULTS, **meta}
+        if path not in _WARNED:
+            _WARNED.add(path)
+            warnings.warn(
+                f"{path!r} records no {', '.join(missing)} (written before the eval preprocessing was stored with the "
+                f"weights); using {', '.join(f'{k}={EVAL_DEFAULTS[k]!r}' for k in missing)}, the validation defaults",
+                UserWarning,
+                stacklevel=3,
+            )
+    config = resolve_data_config(model, meta)
+    return {**config, "mean": list(config["mean"]), "std": list(config["std"])}  # as stored: JSON lists
 
 
 def load_trained(
@@ -186,10 +80,11 @@ def load_trained(
     (timm/Hugging Face ``config.json`` + ``model.safetensors``, or ``model.safetensors`` + ``model.json``), a
     ``.safetensors`` file with its metadata, or bare weights (``.safetensors``/``.pth``) with ``model_name``.
 
-    ``info``: ``model_name``, ``model_args``, ``input_size`` ``(C, H, W)``, ``mean``, ``std``, ``class_names``
-    (or None), ``num_classes``, ``path`` (the weights file), ``source`` (the format), ``weights`` (``'ema'``,
-    ``'net'`` or ``'file'``) and, where the metadata has them, ``epoch``/``global_step`` and ``img_size`` (the
-    size the weights were trained at, which a CNN taking any size may differ from ``input_size``).
+    ``info``: ``model_name``, ``model_args``, the eval preprocessing (``input_size`` ``(C, H, W)``, ``mean``,
+    ``std``, ``crop_pct``, ``interpolation``, ``crop_mode``: pass ``info`` to
+    :func:`vision_attn.data.resolve_data_config`), ``class_names`` (or None), ``num_classes``, ``path`` (the weights
+    file), ``source`` (the format), ``weights`` (``'ema'``, ``'net'`` or ``'file'``) and, where the metadata has
+    them, ``epoch``/``global_step``, ``data_name`` and ``img_size`` (the size the weights were trained at).
     """
     weights = read_weights(path, use_ema=use_ema, name="path")
     model = build_from_weights(weights, model_name, model_args, resample_weights=resample_weights)
@@ -197,13 +92,10 @@ def load_trained(
     names, num_classes = meta.get("class_names"), getattr(model, "num_classes", None)
     if names is not None and isinstance(num_classes, int) and num_classes > 0 and len(names) != num_classes:
         raise ValueError(f"{str(weights.path)!r}: metadata has {len(names)} class_names for num_classes={num_classes}")
-    cfg = getattr(model, "pretrained_cfg", None) or {}
     info: dict[str, Any] = {
         "model_name": meta.get("model_name") or model_name,
         "model_args": {**dict(meta.get("model_args") or {}), **dict(model_args or {})},
-        "input_size": model_input_size(model, meta),
-        "mean": meta.get("mean") or cfg.get("mean"),
-        "std": meta.get("std") or cfg.get("std"),
+        **_eval_preprocessing(model, meta, str(weights.path)),
         "class_names": meta.get("class_names"),
         "num_classes": getattr(model, "num_classes", meta.get("num_classes")),
         "path": str(weights.path),
@@ -214,3 +106,38 @@ def load_trained(
         if key in meta:
             info[key] = meta[key]
     return model.eval(), info
+
+
+def load_model(
+    checkpoint: str | os.PathLike | None = None,
+    model_name: str | None = None,
+    weights: str | os.PathLike | None = None,
+    model_args: dict[str, Any] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Open a model to run on images; returns ``(model in eval mode, info)`` as :func:`load_trained` does.
+
+    ``checkpoint`` (a ``train.py`` checkpoint, an export folder, a ``.safetensors`` with metadata) or ``weights``
+    (bare weights for ``model_name``) go through :func:`load_trained`; a ``model_name`` alone is built by
+    :func:`~vision_attn.create_model` (random weights unless ``model_args`` asks timm for ``pretrained``), with the
+    eval preprocessing of its pretrained config.
+    """
+    if checkpoint is not None and weights is not None:
+        raise ValueError("give checkpoint or weights (with a model_name), not both")
+    if checkpoint is not None or weights is not None:
+        source = checkpoint if checkpoint is not None else weights
+        return load_trained(source, model_name=None if checkpoint is not None else model_name, model_args=model_args)
+    if model_name is None:
+        raise ValueError("give a checkpoint path or a model name")
+    args = dict(model_args or {})
+    model = create_model(model_name, **args).eval()
+    info = {
+        "model_name": model_name,
+        "model_args": args,
+        **_eval_preprocessing(model, {}, model_name),
+        "class_names": (getattr(model, "pretrained_cfg", None) or {}).get("label_names"),
+        "num_classes": getattr(model, "num_classes", None),
+        "path": None,
+        "source": "model_name",
+        "weights": "pretrained" if args.get("pretrained") else "random",
+    }
+    return model, info

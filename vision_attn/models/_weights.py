@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from vision_attn._data_config import CROP_MODES, EVAL_DEFAULTS, INTERPOLATIONS
 from vision_attn._io import atomic_write_bytes
 
 __all__ = ["TrainedWeights", "UnsafeFileError", "read_metadata_file", "read_weights", "write_safetensors"]
@@ -36,6 +37,7 @@ __all__ = ["TrainedWeights", "UnsafeFileError", "read_metadata_file", "read_weig
 META_KEY = "vision_attn"  # safetensors header key holding the JSON metadata
 HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 STATE_DICT_KEYS = ("state_dict", "model", "state_dict_ema")  # timm train-script checkpoints wrap the weights
+EVAL_KEYS = tuple(EVAL_DEFAULTS)  # the eval preprocessing beyond input size and mean/std
 
 
 class UnsafeFileError(ValueError, pickle.UnpicklingError):
@@ -122,16 +124,17 @@ def _read_safetensors(path: Path, name: str) -> tuple[dict[str, torch.Tensor], d
             f"{name} {str(path)!r} is not a complete safetensors file ({err}); it may be truncated by an "
             "interrupted copy or download"
         ) from err
-    if META_KEY in header:
-        try:
-            meta = json.loads(header[META_KEY])
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{name} {str(path)!r}: its '{META_KEY}' header entry is not JSON ({err})") from err
-        return state, validate_metadata(meta, f"{str(path)!r} (header)")
-    sidecar = path.with_suffix(".json")
-    if sidecar.is_file():  # exports written before the metadata moved into the header
-        return state, read_metadata_file(sidecar)
-    return state, {}
+    sidecar = path.with_suffix(".json")  # <stem>.json: the metadata of exports written before the header held it
+    if META_KEY not in header:
+        return state, read_metadata_file(sidecar) if sidecar.is_file() else {}
+    try:
+        meta = json.loads(header[META_KEY])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{name} {str(path)!r}: its '{META_KEY}' header entry is not JSON ({err})") from err
+    meta = validate_metadata(meta, f"{str(path)!r} (header)")
+    if sidecar.is_file():
+        read_metadata_file(sidecar)  # the header wins, but a broken file beside it is still an error naming it
+    return state, meta
 
 
 def _read_torch(path: Path, use_ema: bool, name: str) -> TrainedWeights:
@@ -229,6 +232,8 @@ def _read_folder(folder: Path, name: str) -> TrainedWeights:
     if config.is_file():
         hub_meta = _meta_from_hub_config(read_json(config), config)
         _check_same_model(meta, hub_meta, weights_file, config)
+        if meta:  # our own metadata says how the weights were evaluated; config.json of old exports had timm's guess
+            hub_meta = {k: v for k, v in hub_meta.items() if k not in EVAL_KEYS}
         return TrainedWeights(state, weights_file, "hub_folder", meta={**hub_meta, **meta})
     if not meta:
         raise ValueError(
@@ -272,7 +277,7 @@ def _meta_from_hub_config(config: dict[str, Any], path: Path) -> dict[str, Any]:
     if not isinstance(pretrained_cfg, dict):
         raise ValueError(f"{where}: 'pretrained_cfg' must be an object, got {type(pretrained_cfg).__name__}")
     meta: dict[str, Any] = {"model_name": config["architecture"], "model_args": config.get("model_args", {})}
-    for key in ("mean", "std", "input_size"):
+    for key in ("mean", "std", "input_size", *EVAL_KEYS):
         if key in pretrained_cfg:
             meta[key] = pretrained_cfg[key]
     if "num_classes" in config:
@@ -291,7 +296,8 @@ def _is_number(value: Any) -> bool:
 
 def validate_metadata(meta: Any, where: str) -> dict[str, Any]:
     """Return ``meta`` with checked types (``model_name`` str, ``model_args`` object, ``class_names`` list of str,
-    ``mean``/``std`` lists of numbers, ``input_size`` ints); a ``ValueError`` names ``where`` and the key."""
+    ``mean``/``std`` lists of numbers, ``input_size`` ints, ``crop_pct`` in (0, 1], a known ``interpolation`` and
+    ``crop_mode``); a ``ValueError`` names ``where`` and the key."""
     if not isinstance(meta, dict):
         raise ValueError(f"metadata in {where} must be a JSON object, got {type(meta).__name__}")
     meta = dict(meta)
@@ -331,6 +337,12 @@ def validate_metadata(meta: Any, where: str) -> dict[str, Any]:
         ints = [value] if isinstance(value, int) else value
         if not isinstance(ints, (list, tuple)) or not all(isinstance(v, int) and v > 0 for v in ints):
             raise wrong(key, "a positive int or a list of them")
+    crop_pct = meta.get("crop_pct")
+    if crop_pct is not None and (not _is_number(crop_pct) or not 0.0 < crop_pct <= 1.0):
+        raise wrong("crop_pct", "a number in (0, 1]")
+    for key, allowed in (("interpolation", INTERPOLATIONS), ("crop_mode", CROP_MODES)):
+        if meta.get(key) is not None and meta[key] not in allowed:
+            raise wrong(key, f"one of {allowed}")
     num_classes = meta.get("num_classes", meta["model_args"].get("num_classes"))
     if names is not None and isinstance(num_classes, int) and num_classes > 0 and len(names) != num_classes:
         raise ValueError(f"metadata in {where}: {len(names)} class_names for num_classes={num_classes}")

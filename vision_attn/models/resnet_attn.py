@@ -238,7 +238,7 @@ def _cfg(size: int, attn_layer: str) -> dict[str, Any]:
         input_size=(3, size, size),
         pool_size=(size // 8, size // 8) if small else (size // 32, size // 32),
         crop_pct=1.0 if small else 0.875,
-        interpolation="bicubic" if small else "bilinear",
+        interpolation="bilinear",
         mean=CIFAR_MEAN if small else IMAGENET_DEFAULT_MEAN,
         std=CIFAR_STD if small else IMAGENET_DEFAULT_STD,
         fixed_input_size=attn_layer == "bot",

@@ -484,7 +484,7 @@ def _cfg(
         std=std,
         pool_size=None,
         crop_pct=1.0 if input_size[-1] <= 64 else 0.9,
-        interpolation="bicubic",
+        interpolation="bilinear" if input_size[-1] <= 64 else "bicubic",  # small: as our eval pipeline resizes
         fixed_input_size=True,  # unless built with dynamic_img_size=True (timm reads that from the model)
         first_conv="patch_embed.proj",
         classifier="head",

@@ -52,5 +52,5 @@ def export_checkpoint(ckpt_path: str | os.PathLike, path: str | os.PathLike, use
     weights = read_weights(ckpt_path, use_ema=use_ema, name="ckpt_path")
     if weights.source != "checkpoint" or not weights.meta.get("model_name"):
         raise ValueError(f"ckpt_path {str(ckpt_path)!r} is not a train.py checkpoint (no 'vision_attn' key)")
-    meta = dict(weights.meta, source_checkpoint=str(ckpt_path), weights=weights.weights)
+    meta = dict(weights.meta, source_checkpoint=Path(ckpt_path).name, weights=weights.weights)
     return export_model(weights.state_dict, path, meta.pop("model_name"), meta.pop("model_args"), **meta)
