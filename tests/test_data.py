@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from vision_attn.data import ImageDataModule, build_dataset, build_eval_transform, build_train_transform, list_datasets
+from vision_attn.data import ImageDataModule, build_dataset, build_train_transform, create_transform, list_datasets
 from vision_attn.data.cluttered import (
     DEFAULT_ASSET,
     ClutteredFashionMNIST,
@@ -210,7 +210,9 @@ def test_transforms_output() -> None:
     out = train(image=image)["image"]
     assert out.shape == (3, 32, 32)
     assert out.dtype == torch.float32
-    out = build_eval_transform(32, (0.0,) * 3, (1.0,) * 3, crop_pct=0.875)(image=image)["image"]
+    config = {"input_size": (3, 32, 32), "mean": (0.0,) * 3, "std": (1.0,) * 3, "crop_pct": 0.875,
+              "interpolation": "bilinear", "crop_mode": "center"}  # fmt: skip
+    out = create_transform(config)(image=image)["image"]
     assert out.shape == (3, 32, 32)
     assert out.min() >= 0.0
     assert out.max() <= 1.0

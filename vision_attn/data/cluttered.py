@@ -214,7 +214,8 @@ class ClutteredFashionMNIST:
     """Map-style dataset of the cluttered Fashion-MNIST ``split`` (``'train'`` or ``'test'``).
 
     ``dataset[i]`` returns ``(image, label)``: a uint8 ``[S, S]`` array and an int. ``boxes`` (``[N, 4]``
-    int array, ``x_min, y_min, x_max, y_max``), ``targets``, ``classes`` and ``meta`` are attributes.
+    int array, ``x_min, y_min, x_max, y_max``), ``targets``, ``classes`` and ``meta`` are attributes; ``masks``
+    (``[N, S, S]`` bool) are the objects' own pixels.
     """
 
     def __init__(self, split: str = "train", path: str | os.PathLike | None = None) -> None:
@@ -228,9 +229,24 @@ class ClutteredFashionMNIST:
         self.boxes: np.ndarray = arrays[f"{split}_boxes"].astype(np.int64)
         self.classes: list[str] = [str(c) for c in arrays["classes"]]
         self.meta: dict = json.loads(str(arrays["meta"].reshape(-1)[0]))
+        self._masks: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.images)
+
+    @property
+    def masks(self) -> np.ndarray:
+        """The object's own pixel mask per image, ``[N, S, S]`` bool: the garment's non-zero pixels inside its box.
+
+        Exact by construction: clutter never enters an object's box and the canvas is black, so every non-zero
+        pixel in the box is the Fashion-MNIST garment's (its own rare black pixels are left out).
+        """
+        if self._masks is None:
+            size = self.images.shape[1]
+            ys, xs = np.arange(size)[None, :, None], np.arange(size)[None, None, :]
+            x0, y0, x1, y1 = (self.boxes[:, i, None, None] for i in range(4))
+            self._masks = (self.images > 0) & (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
+        return self._masks
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         return self.images[index], int(self.targets[index])

@@ -11,11 +11,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from vision_attn._data_config import INTERPOLATIONS, channel_stats, check_data_config
 from vision_attn.data.datasets import TransformedDataset, build_dataset, dataset_info
 from vision_attn.data.image_folder import LAYOUT, folder_classes, image_folder_splits
 from vision_attn.data.outliers import ContextOutliers
 from vision_attn.data.resumable import EpochSampler
-from vision_attn.data.transforms import build_eval_transform, build_train_transform
+from vision_attn.data.transforms import build_train_transform, create_transform
 from vision_attn.data.verify import BAD_IMAGE_POLICIES
 
 __all__ = ["ImageDataModule"]
@@ -65,6 +66,7 @@ class ImageDataModule(L.LightningDataModule):
         color_jitter: float = 0.0,
         coarse_dropout: float = 0.0,
         eval_crop_pct: float = 1.0,
+        eval_interpolation: str = "bilinear",
         bad_images: str = "error",
         context_outliers: int = 0,
     ) -> None:
@@ -90,6 +92,10 @@ class ImageDataModule(L.LightningDataModule):
                 f"context_outliers must be in [0, batch_size={batch_size}] (context-only copies of a batch's first "
                 f"images), got {context_outliers}"
             )
+        if not 0.0 < eval_crop_pct <= 1.0:
+            raise ValueError(f"eval_crop_pct must be in (0, 1], got {eval_crop_pct}")
+        if eval_interpolation not in INTERPOLATIONS:
+            raise ValueError(f"eval_interpolation must be one of {INTERPOLATIONS}, got {eval_interpolation!r}")
         if bad_images not in BAD_IMAGE_POLICIES:
             raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}")
         self.name = name
@@ -97,7 +103,10 @@ class ImageDataModule(L.LightningDataModule):
         self.download = download
         self.in_chans: int = in_chans or info.in_chans
         self.img_size: int = img_size or info.img_size
-        self.mean, self.std = self._stats(info.mean, mean, "mean"), self._stats(info.std, std, "std")
+        self.mean: tuple[float, ...] = channel_stats(mean if mean is not None else info.mean, self.in_chans, "mean",
+                                                     convert=mean is None)  # fmt: skip
+        self.std: tuple[float, ...] = channel_stats(std if std is not None else info.std, self.in_chans, "std",
+                                                    convert=std is None)  # fmt: skip
         self.num_classes: int = info.num_classes or len(self._folder_classes())
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -111,23 +120,19 @@ class ImageDataModule(L.LightningDataModule):
             self.img_size, self.mean, self.std, crop_scale=crop_scale, translate=translate, hflip=hflip,
             color_jitter=color_jitter, coarse_dropout=coarse_dropout,
         )  # fmt: skip
-        self.eval_transform = build_eval_transform(self.img_size, self.mean, self.std, crop_pct=eval_crop_pct)
+        # the eval preprocessing, recorded with every checkpoint and export: explain and the app read it back
+        self.data_config = check_data_config(
+            {"input_size": (self.in_chans, self.img_size, self.img_size), "interpolation": eval_interpolation,
+             "mean": self.mean, "std": self.std, "crop_pct": eval_crop_pct, "crop_mode": "center"},
+            "data",
+        )  # fmt: skip
+        self.eval_transform = create_transform(self.data_config)
         # resolved values, so checkpoints say what the model saw (and agree with the model's linked hparams)
         self.hparams.update(img_size=self.img_size, in_chans=self.in_chans, mean=self.mean, std=self.std)
         self.classes: list[str] | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
-
-    def _stats(self, default: tuple[float, ...], given: tuple[float, ...] | None, what: str) -> tuple[float, ...]:
-        values = tuple(given) if given is not None else tuple(default)
-        if len(values) == self.in_chans:
-            return values
-        if len(values) == 1:
-            return values * self.in_chans
-        if len(values) == 3 and self.in_chans == 1:
-            return (sum(values) / 3,)
-        raise ValueError(f"{what} has {len(values)} values {values}; expected 1 or in_chans={self.in_chans}")
 
     def _folder_classes(self) -> list[str]:
         if self.data_dir is None:

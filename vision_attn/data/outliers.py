@@ -5,7 +5,7 @@ Fashion-MNIST, the default model calls almost every image with its object blanke
 so clutter becomes evidence for "sandal" and rollout points at it (``benchmarks/context_probe.py``). With
 ``ImageDataModule(context_outliers=k)`` each training batch also holds the context-only versions of its first ``k``
 images (the object's box set to 0, the canvas background), labelled :data:`OUTLIER_LABEL`; the training loss asks
-for a uniform prediction on them (:func:`vision_attn.training.module.classification_loss`).
+for a uniform prediction on them (:func:`vision_attn.training.loss.classification_loss`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Albumentations pipelines: a configurable train pipeline and a resize / centre-crop / normalize eval pipeline.
+"""Albumentations pipelines: a configurable train pipeline, and the one eval pipeline built from a data config.
 
 Both take a ``uint8`` ``[H, W, C]`` numpy image and return a float ``[C, H, W]`` tensor.
 """
@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks PyPI for updates on import
 
 import albumentations as A
 from albumentations.pytorch import ToTensorV2
 
-__all__ = ["build_eval_transform", "build_train_transform"]
+from vision_attn._data_config import check_data_config
+
+__all__ = ["build_train_transform", "create_transform"]
 
 
 def _check_prob(name: str, value: float) -> None:
@@ -70,20 +73,39 @@ def build_train_transform(
     return A.Compose(ops)
 
 
-def build_eval_transform(
-    img_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float = 1.0
-) -> A.Compose:
-    """Return the eval pipeline: resize the short side to ``img_size / crop_pct``, centre crop, normalize."""
-    if img_size <= 0:
-        raise ValueError(f"img_size must be positive, got {img_size}")
-    if not 0.0 < crop_pct <= 1.0:
-        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    resize = math.floor(img_size / crop_pct)
-    return A.Compose(
-        [
-            A.SmallestMaxSize(max_size=resize),
-            A.CenterCrop(img_size, img_size),
-            A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0),
-            ToTensorV2(),
-        ]
-    )
+_CV2_INTERPOLATION = {"nearest": 0, "bilinear": 1, "bicubic": 2, "area": 3, "lanczos": 4}  # cv2.INTER_* flags
+
+
+def create_transform(data_config: Mapping[str, Any], boxes: bool = False) -> A.Compose:
+    """Return the eval pipeline of ``data_config`` (see :func:`vision_attn.data.resolve_data_config`): timm's eval
+    geometry in albumentations, then normalize.
+
+    ``crop_mode='center'``: resize so the image covers ``floor(size / crop_pct)`` keeping its aspect ratio (the
+    short side for a square input, as timm's ``Resize(int)``; timm's ``ResizeKeepRatio`` otherwise), then centre
+    crop ``(H, W)``; ``'squash'``: resize to exactly ``floor(size / crop_pct)``, then centre crop. OpenCV resizing
+    with the config's ``interpolation``. Call it with ``image=`` a ``uint8 [H, W, C]`` array (``C`` =
+    ``input_size[0]``; see :func:`vision_attn.data.read_image`) and optionally ``mask=`` ``[H, W]`` (nearest
+    neighbour); with ``boxes=True`` also ``bboxes=`` ``[N, 4]`` ``(x_min, y_min, x_max, y_max)`` pixels and
+    ``box_index=`` (clipped to the crop; a box the crop removes is dropped). Returns albumentations' dict with
+    ``image`` float ``[C, H, W]``.
+    """
+    config = check_data_config(data_config)
+    _, height, width = config["input_size"]
+    crop_pct, flag = config["crop_pct"], _CV2_INTERPOLATION[config["interpolation"]]
+    scale = (math.floor(height / crop_pct), math.floor(width / crop_pct))
+    if config["crop_mode"] == "squash":
+        resize: A.BasicTransform = A.Resize(*scale, interpolation=flag)
+    elif scale[0] == scale[1]:
+        resize = A.SmallestMaxSize(max_size=scale[0], interpolation=flag)
+    else:
+        resize = A.SmallestMaxSize(max_size_hw=scale, interpolation=flag)
+    ops = [
+        resize,
+        A.CenterCrop(height, width),
+        A.Normalize(mean=config["mean"], std=config["std"], max_pixel_value=255.0),
+        ToTensorV2(),
+    ]
+    if not boxes:
+        return A.Compose(ops)
+    params = A.BboxParams(format="pascal_voc", label_fields=["box_index"], clip=True, min_area=0, min_visibility=0)
+    return A.Compose(ops, bbox_params=params)

@@ -95,15 +95,14 @@ class AttentionOverlays(_LogDirCallback):
         self._images = torch.stack([image for image, _ in items])
         self._labels = torch.tensor([label for _, label in items])
         base, indices = getattr(dataset, "base", None), getattr(dataset, "indices", None)
-        boxes = getattr(base, "boxes", None)
-        native = getattr(base, "images", None)
-        transform = getattr(dataset, "transform", None)
-        if boxes is not None and native is not None and hasattr(transform, "transforms"):
-            from vision_attn.data.images import transform_boxes
+        boxes, native = getattr(base, "boxes", None), getattr(base, "images", None)
+        config = getattr(data, "data_config", None)
+        if boxes is not None and native is not None and config is not None:
+            from vision_attn.data.preprocess import prepare_images
 
             rows = indices[:count] if indices is not None else np.arange(count)
-            # the boxes go through the same eval resize + crop as the images, so they outline the object drawn
-            self._boxes = torch.cat([transform_boxes(transform, native[row].shape, boxes[row]) for row in rows])
+            # the boxes go through the same eval pipeline as the images, so they outline the object drawn
+            self._boxes = prepare_images([native[row] for row in rows], config, boxes=boxes[rows]).boxes
 
     def _explain(self, net: torch.nn.Module, images: torch.Tensor) -> tuple[str, torch.Tensor]:
         from vision_attn.explain import explain
@@ -198,7 +197,7 @@ class ExportBackbone(_LogDirCallback):
         info = pl_module.export_info() if hasattr(pl_module, "export_info") else {}
         if best and Path(best).is_file() and info.get("model_name"):
             net, loaded = load_trained(best)  # its EMA weights when it has them
-            meta = {**info, **{k: v for k, v in loaded.items() if v is not None}, "source_checkpoint": str(best)}
+            meta = {**info, **{k: v for k, v in loaded.items() if v is not None}, "source_checkpoint": Path(best).name}
         else:
             net = pl_module.eval_net if hasattr(pl_module, "eval_net") else pl_module
             meta = info
