@@ -37,7 +37,7 @@ from _machine import REPO, publish, settle  # benchmarks/ is on sys.path when ru
 from vision_attn.data import ImageDataModule
 from vision_attn.training import ImageClassifier
 from vision_attn.training.cli import main as train_main
-from vision_attn.training.module import classification_loss
+from vision_attn.training.loss import classification_loss
 
 CONFIG = REPO / "configs" / "default.yaml"
 

@@ -15,7 +15,7 @@ from vision_attn.data import ImageDataModule
 from vision_attn.data.outliers import OUTLIER_LABEL, ContextOutliers, blank
 from vision_attn.training import ImageClassifier
 from vision_attn.training.cli import main
-from vision_attn.training.module import classification_loss
+from vision_attn.training.loss import classification_loss
 
 
 def test_blank_keeps_the_object_or_its_context() -> None:

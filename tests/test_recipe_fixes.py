@@ -15,7 +15,7 @@ from train_helpers import TinyNet, fit_args
 
 from vision_attn.cli import main as cli_main
 from vision_attn.training import ImageClassifier
-from vision_attn.training import module as recipe
+from vision_attn.training import rng
 from vision_attn.training.cli import main
 
 QUIET = ("--trainer.logger=false", "--overlays.every_n_epochs=0", "--test_after_fit=false")
@@ -82,7 +82,7 @@ def test_lsa_temperature_gets_no_weight_decay() -> None:
 
 def test_cuda_random_states_are_saved_and_restored(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     if not torch.cuda.is_available():
-        assert "cuda" not in recipe._rng_states()
+        assert "cuda" not in rng.rng_states()
     devices = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
     restored: dict[int, torch.Tensor] = {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -93,7 +93,7 @@ def test_cuda_random_states_are_saved_and_restored(monkeypatch: pytest.MonkeyPat
     ImageClassifier(TinyNet(), num_classes=10).on_save_checkpoint(checkpoint)
     torch.save(checkpoint, tmp_path / "c.ckpt")
     loaded = torch.load(tmp_path / "c.ckpt", weights_only=True)  # still loadable without unpickling code
-    recipe._set_rng_states(loaded["rng_states"])
+    rng.set_rng_states(loaded["rng_states"])
     assert sorted(restored) == [0, 1]
     assert all(torch.equal(restored[i], devices[i]) for i in (0, 1))
 

@@ -2,7 +2,7 @@
 
 from vision_attn.training.callbacks import AttentionOverlays, ExportBackbone, PredictionWriter, RunGuard, TrainSummary
 from vision_attn.training.export import export_checkpoint, export_model
-from vision_attn.training.module import ImageClassifier, build_network
+from vision_attn.training.module import ImageClassifier
 
 __all__ = [
     "AttentionOverlays",
@@ -11,7 +11,6 @@ __all__ = [
     "PredictionWriter",
     "RunGuard",
     "TrainSummary",
-    "build_network",
     "export_checkpoint",
     "export_model",
 ]

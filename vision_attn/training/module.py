@@ -2,58 +2,30 @@
 
 from __future__ import annotations
 
-import math
-import random
 from typing import Any, Literal
 
 import lightning as L
-import numpy as np
-import timm
 import torch
-from lightning.pytorch.callbacks import Timer
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_weight_decay
-from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-import vision_attn
 from vision_attn.data.outliers import OUTLIER_LABEL
+from vision_attn.models import create_model
+from vision_attn.training.ema import StepEMA
+from vision_attn.training.loss import classification_loss
+from vision_attn.training.resume import changed_hparams, check_weights_fit
+from vision_attn.training.rng import rng_states, set_rng_states
+from vision_attn.training.schedule import WarmupCosine, find_timer
 
-__all__ = ["ImageClassifier", "build_network", "classification_loss"]
+__all__ = ["ImageClassifier"]
 
 # parameter names (the last part of the dotted name, at any depth) that never get weight decay, besides every 1-D
 # parameter (norms, biases): position embeddings, special tokens and LSA's learned softmax temperature
 NO_DECAY_NAMES = frozenset({"pos_embed", "cls_token", "reg_token", "dist_token", "log_temperature"})
-# hyper-parameters that decide the network's weights: a resumed or evaluated checkpoint must agree on them
-NETWORK_HPARAMS = ("model", "model_args", "ema_decay")
-
-
-def build_network(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """Build ``name`` with ``vision_attn.create_model`` (our names) or ``timm.create_model`` (any timm name)."""
-    if name in vision_attn.list_models():
-        return vision_attn.create_model(name, pretrained=pretrained, **kwargs)
-    if not timm.is_model(name):
-        raise ValueError(
-            f"model {name!r} is neither a vision_attn model (vision_attn.list_models()) nor a timm model "
-            "(timm.list_models())"
-        )
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
-
-
-def classification_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Label-smoothed cross-entropy, averaged over the batch; an image whose target is ``OUTLIER_LABEL`` (-1: a
-    context-only image from ``data.context_outliers``) counts as the cross-entropy against the uniform distribution
-    instead (outlier exposure, Hendrycks et al. 2019)."""
-    outlier = targets == OUTLIER_LABEL
-    if not outlier.any():
-        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
-    known = ~outlier
-    loss = F.cross_entropy(logits[known], targets[known], label_smoothing=label_smoothing, reduction="sum")
-    uniform = -logits[outlier].log_softmax(dim=-1).mean(dim=-1).sum()
-    return (loss + uniform) / targets.shape[0]
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
@@ -126,12 +98,12 @@ class ImageClassifier(L.LightningModule):
             self.model_name = model
             self.model_args = self._resolve_model_args(model_args, num_classes, in_chans, img_size)
             try:
-                self.net = build_network(model, pretrained, **self.model_args)
+                self.net = create_model(model, pretrained, **self.model_args)
             except TypeError as err:  # CNNs take no img_size; it was only linked from the data
                 if "img_size" not in str(err) or (model_args and "img_size" in model_args):
                     raise
                 self.model_args.pop("img_size")
-                self.net = build_network(model, pretrained, **self.model_args)
+                self.net = create_model(model, pretrained, **self.model_args)
             self.hparams["model_args"] = dict(self.model_args)  # resolved, so the checkpoint rebuilds the net
         self.num_classes = num_classes or getattr(self.net, "num_classes", None)
         if not isinstance(self.num_classes, int) or self.num_classes < 1:
@@ -143,13 +115,10 @@ class ImageClassifier(L.LightningModule):
                 mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=mixup_prob, switch_prob=mixup_switch_prob,
                 label_smoothing=label_smoothing, num_classes=self.num_classes,
             )  # fmt: skip
-        self.ema = ModelEmaV3(self.net, decay=ema_decay) if ema_decay is not None else None
-        self._schedule_steps: tuple[int, int] | None = None  # (warmup, total) optimizer steps, from on_train_start
-        self._ema_step = -1  # the optimizer step the EMA weights last followed
+        self.ema = StepEMA(self.net, decay=ema_decay) if ema_decay is not None else None
+        self._lr_schedule = WarmupCosine(min_lr_ratio, schedule)  # its step counts are fixed in on_train_start
         self._train_window: torch.Tensor | None = None  # (loss, acc1, batches) summed since the last train log
         self._changed_hparams: dict[str, tuple[Any, Any]] = {}  # resumed with other values: name -> (checkpoint, now)
-        if self.ema is not None:
-            self.ema.requires_grad_(False)  # updated by copying, never by the optimizer (and invisible to DDP)
 
         top5 = min(5, self.num_classes)
         self.val_acc1 = MulticlassAccuracy(self.num_classes, top_k=1)
@@ -273,9 +242,8 @@ class ImageClassifier(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Update the EMA weights once per optimizer step (not per micro-batch under gradient accumulation)."""
-        if self.ema is not None and self.global_step != self._ema_step:
-            self._ema_step = self.global_step
-            self.ema.update(self.net, step=self.global_step)
+        if self.ema is not None:
+            self.ema.follow(self.net, self.global_step)
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
         images, targets = batch
@@ -318,58 +286,28 @@ class ImageClassifier(L.LightningModule):
         fused = all(p.device.type in ("cpu", "cuda") for group in groups for p in group["params"]) or None
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=fused)
 
-        if hp.schedule == "time" and self._timer() is None:
+        if hp.schedule == "time" and find_timer(self.trainer) is None:
             raise ValueError("schedule='time' needs a time budget: set trainer.max_time (e.g. '00:00:09:30')")
         # the step counts are only known once the data are set up (on_train_start); asking Lightning for them
         # here would build the train loader before a resumed run restores its position in the epoch
-        self._schedule_steps = None
+        self._lr_schedule.steps = None
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def _timer(self) -> Timer | None:
-        return next((cb for cb in self.trainer.callbacks if isinstance(cb, Timer)), None)
-
     def lr_factor(self, step: int) -> float:
-        """LR multiplier at optimizer step ``step``: linear warmup, then cosine down to ``min_lr_ratio``."""
-        if self._schedule_steps is None:
-            return 1.0  # LambdaLR's call at construction; on_train_start sets the real value
-        warmup_steps, total_steps = self._schedule_steps
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if self.hparams.schedule == "time":
-            timer = self._timer()
-            elapsed = timer.time_elapsed("train")
-            progress = elapsed / max(1e-9, elapsed + timer.time_remaining("train"))
-        else:
-            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
-        return self.hparams.min_lr_ratio + (1 - self.hparams.min_lr_ratio) * cosine
+        """LR multiplier at optimizer step ``step`` (:class:`~vision_attn.training.schedule.WarmupCosine`). A method,
+        so ``LambdaLR`` stores no schedule state in checkpoints: the step counts are fixed anew at every start."""
+        return self._lr_schedule(step)
 
     def on_train_start(self) -> None:
         """Fix the schedule's step counts (rejecting a warmup longer than the run) and set the optimizer's values
         from the hyper-parameters: a run resumed with ``--model.lr`` (``weight_decay``, ``betas``) uses the given
         value, not the one saved in the checkpoint's optimizer state."""
         trainer, hp = self.trainer, self.hparams
-        self._ema_step = self.global_step
+        if self.ema is not None:
+            self.ema.last_step = self.global_step
         self._train_window = None
-        estimated = trainer.estimated_stepping_batches
-        if not math.isfinite(estimated) and hp.schedule == "steps":
-            raise ValueError(
-                f"trainer.max_epochs={trainer.max_epochs} with max_steps={trainer.max_steps} gives a run without end, "
-                "but schedule='steps' needs its length: set trainer.max_epochs >= 1 or trainer.max_steps >= 1 (or "
-                "model.schedule=time with trainer.max_time)"
-            )
-        total_steps = max(1, int(estimated)) if math.isfinite(estimated) else 2**62
-        steps_per_epoch = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
-        warmup_steps = round(hp.warmup_epochs * steps_per_epoch)
-        if warmup_steps > total_steps:
-            if not trainer.fast_dev_run:
-                raise ValueError(
-                    f"warmup_epochs={hp.warmup_epochs} ({warmup_steps} steps) is longer than the run "
-                    f"({total_steps} steps: trainer.max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps})"
-                )
-            warmup_steps = total_steps
-        self._schedule_steps = (warmup_steps, total_steps)
+        self._lr_schedule.start(trainer, hp.warmup_epochs)
         for config in trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             scheduler.base_lrs = [float(hp.lr)] * len(scheduler.optimizer.param_groups)
@@ -382,20 +320,22 @@ class ImageClassifier(L.LightningModule):
             print(f"resuming with the given model options instead of the checkpoint's: {changes}")
 
     def export_info(self) -> dict[str, Any]:
-        """What rebuilds the network without Lightning: model name and args, and the data's stats and classes."""
+        """What rebuilds the network without Lightning and feeds it as validation did: model name and args, the
+        data's classes and eval preprocessing (``input_size``, mean/std, ``crop_pct``, ``interpolation``, ...)."""
         info: dict[str, Any] = {"model_name": self.model_name, "model_args": dict(self.model_args)}
         data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if data is not None:
-            for key in ("name", "mean", "std", "img_size", "in_chans", "num_classes", "classes"):
+            for key in ("name", "img_size", "in_chans", "num_classes", "classes"):
                 if getattr(data, key, None) is not None:
                     info["data_name" if key == "name" else key] = getattr(data, key)
+            info.update(getattr(data, "data_config", None) or {"mean": data.mean, "std": data.std})
         return info
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store :meth:`export_info` under ``checkpoint['vision_attn']`` and the random states (dropout, Mixup) under
         ``checkpoint['rng_states']``, so a resumed run continues as the unbroken one would."""
         checkpoint["vision_attn"] = self.export_info()
-        checkpoint["rng_states"] = _rng_states()
+        checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check that the checkpoint's weights fit this network and restore the random states saved by
@@ -406,66 +346,7 @@ class ImageClassifier(L.LightningModule):
         value (``model``, ``model_args``, EMA on/off) whose weights do not fit the checkpoint's is a ``ValueError``
         naming both values.
         """
-        saved = checkpoint.get("hyper_parameters") or {}
-        self._changed_hparams = {
-            key: (saved[key], value)
-            for key, value in self.hparams.items()
-            if key in saved and _plain(saved[key]) != _plain(value)
-        }
-        self._check_weights_fit(checkpoint.get("state_dict") or {})
+        self._changed_hparams = changed_hparams(checkpoint.get("hyper_parameters") or {}, self.hparams)
+        check_weights_fit(self.state_dict(), checkpoint.get("state_dict") or {}, self._changed_hparams)
         if "rng_states" in checkpoint:
-            _set_rng_states(checkpoint["rng_states"])
-
-    def _check_weights_fit(self, saved: dict[str, torch.Tensor]) -> None:
-        own = self.state_dict()
-        missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
-        resized = [k for k in own.keys() & saved.keys() if tuple(own[k].shape) != tuple(saved[k].shape)]
-        if not (missing or unexpected or resized):
-            return
-        details = "; ".join(
-            f"{what} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
-            for what, keys in (("missing", missing), ("unexpected", unexpected), ("other shape", sorted(resized)))
-            if keys
-        )
-        network = {k: v for k, v in self._changed_hparams.items() if k in NETWORK_HPARAMS}
-        given = "; ".join(f"model.{k} {new!r} given, the checkpoint has {old!r}" for k, (old, new) in network.items())
-        raise ValueError(
-            f"the checkpoint's weights do not fit the network built from the config/command line "
-            f"({given or 'same model options; the checkpoint is from another network'}): {details}. Drop the "
-            "contradicting --model.* options (or use the checkpoint's config) to load this checkpoint"
-        )
-
-
-def _plain(value: Any) -> Any:
-    """``value`` with tuples as lists (YAML and checkpoints store ``betas`` either way)."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _rng_states() -> dict[str, Any]:
-    """torch (CPU and every CUDA device), numpy and Python random states as tensors and plain types (loadable with
-    ``weights_only=True``)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss = random.getstate()
-    states = {
-        "torch": torch.get_rng_state(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-        "python": [version, list(internal), gauss],
-    }
-    if torch.cuda.is_available():
-        states["cuda"] = list(torch.cuda.get_rng_state_all())
-    return states
-
-
-def _set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    if states.get("cuda") and torch.cuda.is_available():
-        for device, state in enumerate(states["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(state, device)
-    kind, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
+            set_rng_states(checkpoint["rng_states"])
