@@ -240,7 +240,7 @@ API_CASES = {
         r"pool 'seq' needs sequence_weights \[B, N - num_prefix_tokens\], got None",
     ),
     "unreadable image file": (
-        lambda m, t: load_image_files([_write(t / "junk.png", b"not a png")], 3, (32, 32), None, None),
+        lambda m, t: load_image_files([_write(t / "junk.png", b"not a png")], vision_attn.resolve_data_config(m)),
         ValueError,
         r"image file '.*junk.png' cannot be read as an image",
     ),

@@ -10,7 +10,7 @@ from torch import nn
 import vision_attn
 from vision_attn.explain import (
     HEAD_FUSIONS,
-    METHODS,
+    list_methods,
     AttentionRecorder,
     attention_gradients,
     attention_rollout,
@@ -399,4 +399,4 @@ def test_explain_bad_input(tiny_vit: nn.Module, tiny_cnn: nn.Module) -> None:
     ).eval()
     with pytest.raises(ValueError, match="windowed or pooled attention"):
         explain(swin, torch.randn(1, 3, 32, 32), method="rollout")
-    assert set(METHODS) >= {"rollout", "gradient_rollout", "attention", "gradcam", "spatial", "random"}
+    assert set(list_methods()) >= {"rollout", "gradient_rollout", "attention", "gradcam", "spatial", "random"}

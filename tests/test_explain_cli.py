@@ -13,15 +13,9 @@ from PIL import Image
 
 import vision_attn
 import vision_attn.cli
-from vision_attn.data.images import (
-    channel_stats,
-    load_dataset_images,
-    load_image_files,
-    read_boxes,
-    resize_boxes,
-    transform_boxes,
-    unique_names,
-)
+from vision_attn._data_config import channel_stats
+from vision_attn.data import prepare_images
+from vision_attn.data.images import load_dataset_images, load_image_files, read_boxes, unique_names
 from vision_attn.explain import explain
 from vision_attn.explain.cli import main as explain_main
 from vision_attn.explain.metrics import _substrate, energy_pointing, insertion_auc, pointing_game
@@ -67,55 +61,61 @@ def test_channel_stats() -> None:
         channel_stats([0.0], 3, "--std")
 
 
+def _config(size: tuple[int, int, int], mean: object = 0.0, std: object = 1.0, crop_pct: float = 1.0) -> dict:
+    return {"input_size": size, "mean": mean, "std": std, "crop_pct": crop_pct, "interpolation": "bilinear",
+            "crop_mode": "center"}  # fmt: skip
+
+
 def test_load_image_files_resizes_normalizes_per_channel_and_reads_16_bit(tmp_path: Path) -> None:
+    import cv2
+
     path = _image(tmp_path / "a.png", 20, 40)
-    images, sizes = load_image_files([path], 3, (10, 20), [0.1, 0.2, 0.3], [0.5, 0.25, 0.125])
-    raw = np.asarray(Image.open(path).resize((20, 10), Image.BILINEAR), dtype=np.float32) / 255
-    expected = (torch.from_numpy(raw).permute(2, 0, 1) - torch.tensor([0.1, 0.2, 0.3])[:, None, None]) / torch.tensor(
-        [0.5, 0.25, 0.125]
-    )[:, None, None]
-    assert sizes == [(20, 40)]
-    torch.testing.assert_close(images[0], expected)
+    mean, std = [0.1, 0.2, 0.3], [0.5, 0.25, 0.125]
+    prepared = load_image_files([path], _config((3, 10, 20), mean, std))  # same aspect: a plain resize
+    raw = cv2.resize(np.asarray(Image.open(path)), (20, 10), interpolation=cv2.INTER_LINEAR).astype(np.float32) / 255
+    expected = (torch.from_numpy(raw).permute(2, 0, 1) - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[
+        :, None, None
+    ]
+    assert prepared.sizes == [(20, 40)]
+    torch.testing.assert_close(prepared.images[0], expected)
     deep = tmp_path / "deep.png"
     Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16)).save(deep)  # 16-bit grey at half range
-    grey, _ = load_image_files([deep], 1, None, None, None)
+    grey = load_image_files([deep], _config((1, 4, 4))).images
     torch.testing.assert_close(grey, torch.full((1, 1, 4, 4), 128 / 255))
 
 
-def test_load_dataset_images_per_channel_stats_and_boxes() -> None:
+def test_load_dataset_images_per_channel_stats_boxes_and_masks() -> None:
     mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 0.125)
-    images, names, boxes, labels = load_dataset_images("cluttered_fashion_mnist:test", 2, 3, (32, 32), mean, std)
-    native, native_names, native_boxes, _ = load_dataset_images("cluttered_fashion_mnist", 2, 1, None, [0.0], [1.0])
-    assert images.shape == (2, 3, 32, 32)
+    prepared, names, labels = load_dataset_images("cluttered_fashion_mnist:test", 2, _config((3, 32, 32), mean, std))
+    native, native_names, _ = load_dataset_images("cluttered_fashion_mnist", 2, _config((1, 64, 64)))
+    assert prepared.images.shape == (2, 3, 32, 32)
     assert names == native_names == ["test_0000", "test_0001"]
     assert labels.shape == (2,)
-    torch.testing.assert_close(boxes, native_boxes / 2)  # 64 -> 32 px: the boxes shrink with the image
-    unnormalized = images * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    torch.testing.assert_close(prepared.boxes, native.boxes / 2)  # 64 -> 32 px: the boxes shrink with the image
+    assert prepared.masks.shape == (2, 32, 32) and native.masks.shape == (2, 64, 64)
+    assert prepared.masks.float().mean() == pytest.approx(native.masks.float().mean(), abs=0.02)
+    unnormalized = prepared.images * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
     torch.testing.assert_close(unnormalized[:, 0], unnormalized[:, 2], atol=1e-5, rtol=0)  # grey repeated
-    small = torch.nn.functional.interpolate(native, size=(32, 32), mode="bilinear", antialias=True)
-    assert (unnormalized[:, 0] - small[:, 0]).abs().mean() < 0.02
-    assert native.shape == (2, 1, 64, 64)
+    small = torch.nn.functional.interpolate(native.images, size=(32, 32), mode="bilinear", antialias=True)
+    assert (unnormalized[:, 0] - small[:, 0]).abs().mean() < 0.03
+    assert native.images.shape == (2, 1, 64, 64)
+    assert (native.images[:, 0][native.masks] > 0).all()  # the mask is the object's own (non-zero) pixels
 
 
-def test_resize_and_read_boxes(tmp_path: Path) -> None:
-    boxes = torch.tensor([[10.0, 20.0, 30.0, 40.0], [0.0, 0.0, 80.0, 40.0]])
-    torch.testing.assert_close(
-        resize_boxes(boxes, [(40, 80), (40, 80)], (32, 32)),
-        torch.tensor([[4.0, 16.0, 12.0, 32.0], [0.0, 0.0, 32.0, 32.0]]),
-    )
+def test_boxes_and_masks_follow_the_eval_resize_and_crop(tmp_path: Path) -> None:
+    image = np.zeros((40, 80), dtype=np.uint8)  # H 40, W 80: short side 40 -> 32 (x0.8), then a centre crop of 32
+    image[20:40, 10:30] = 255
+    mask = image > 0
+    prepared = prepare_images([image, image], _config((1, 32, 32)), boxes=[[10, 20, 30, 40], [0, 0, 8, 8]],
+                              masks=[mask, mask])  # fmt: skip
+    torch.testing.assert_close(prepared.boxes[0], torch.tensor([0.0, 16.0, 8.0, 32.0]))  # x: 8..24 minus 16, clipped
+    assert torch.isnan(prepared.boxes[1]).all()  # cropped away entirely
+    object_pixels = prepared.images[0, 0] > 0.5
+    assert prepared.masks[0].tolist() == object_pixels.tolist()  # the mask moves with the image
     table = {str(tmp_path / "a" / "x.png"): [1, 2, 3, 4], "x.png": [5, 6, 7, 8]}
     (tmp_path / "boxes.json").write_text(json.dumps(table))
     got = read_boxes(tmp_path / "boxes.json", [tmp_path / "a" / "x.png", tmp_path / "b" / "x.png"])
     torch.testing.assert_close(got, torch.tensor([[1.0, 2, 3, 4], [5, 6, 7, 8]]))  # full path first, then name
-
-
-def test_transform_boxes_follow_the_eval_crop() -> None:
-    from vision_attn.data.transforms import build_eval_transform
-
-    transform = build_eval_transform(32, (0.5,), (0.25,), crop_pct=0.8)  # short side -> 40, centre crop 32
-    moved = transform_boxes(transform, (64, 64), [[8, 8, 40, 24], [0, 0, 4, 4]])
-    torch.testing.assert_close(moved[0], torch.tensor([8 * 0.625 - 4, 8 * 0.625 - 4, 40 * 0.625 - 4, 24 * 0.625 - 4]))
-    assert torch.isnan(moved[1]).all()  # cropped away entirely
 
 
 def test_attention_overlays_boxes_follow_the_eval_crop() -> None:
@@ -161,7 +161,7 @@ def test_blur_substrate_on_non_square_images() -> None:
 # --- the CLI -------------------------------------------------------------------------------------------------------
 
 
-def test_cli_rescales_boxes_with_the_image(tmp_path: Path) -> None:
+def test_cli_moves_boxes_with_the_image(tmp_path: Path) -> None:
     paths = [_image(tmp_path / "imgs" / f"i{k}.png", 40, 80, seed=k) for k in range(2)]
     boxes = {p.name: [8, 4, 40, 20] for p in paths}  # in the 80x40 image's pixels
     (tmp_path / "boxes.json").write_text(json.dumps(boxes))
@@ -173,7 +173,7 @@ def test_cli_rescales_boxes_with_the_image(tmp_path: Path) -> None:
     scores = json.loads((out / "scores.json").read_text())["images"]
     model = vision_attn.create_model("va_vit_tiny_patch4_32", depth=1, num_classes=3).eval()
     maps = explain(model, torch.zeros(2, 3, 32, 32), "random", seed=0)  # the CLI's random maps (seed = chunk)
-    scaled = torch.tensor([[3.2, 3.2, 16.0, 16.0]] * 2)  # 80x40 -> 32x32
+    scaled = torch.tensor([[0.0, 3.2, 16.0, 16.0]] * 2)  # 80x40 -> 64x32 (x0.8), centre crop 32 (x - 16), clipped
     expected = energy_pointing(maps, scaled)
     got = torch.tensor([s["models"]["va_vit_tiny_patch4_32"]["scores"]["random"]["energy_pointing"] for s in scores])
     torch.testing.assert_close(got, expected)

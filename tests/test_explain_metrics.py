@@ -211,7 +211,7 @@ def test_cli_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "neither a file nor a folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         explain_main(["--images", "a.png", "--out", str(tmp_path), "--method", "saliency"])
-    assert "is not [K:]METHOD with METHOD one of ('rollout'" in capsys.readouterr().err
+    assert "is not [K:]METHOD with METHOD 'all' or one of ('rollout'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         explain_main(["--model", "resnet10t", "--images", "a.png", "--out", str(tmp_path), "--method", "1:gradcam"])
     assert "beyond the 1 models given" in capsys.readouterr().err

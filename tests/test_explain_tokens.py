@@ -22,7 +22,6 @@ from vision_attn.explain import (
     unwrap_model,
 )
 from vision_attn.explain._common import normalize_maps, upsample_maps
-from vision_attn.explain.api import _gradients, _record
 from vision_attn.explain.cam import default_target_layer, grad_cam
 from vision_attn.layers import ConvTokenizer
 
@@ -78,10 +77,13 @@ CASES = {
 def _reference(model: nn.Module, x: torch.Tensor, method: str, pool: str) -> torch.Tensor:
     """The map of ``method`` read with ``pool``, from the pure functions (min-max scaled, upsampled like explain)."""
     prefix = model.num_prefix_tokens
-    if method == "gradient_rollout":
-        attentions, gradients, _, sequence = _gradients(model, x, None)
-    else:
-        attentions, _, sequence = _record(model, x)
+    with torch.enable_grad(), AttentionRecorder(model, detach=False) as recorder:
+        logits = model(x)
+    attentions, sequence = recorder.attentions, recorder.pool_weights
+    if method == "gradient_rollout":  # of the predicted classes' logits
+        score = logits.gather(1, logits.argmax(dim=1, keepdim=True)).sum()
+        gradients = [g.detach() for g in torch.autograd.grad(score, attentions)]
+    attentions, sequence = [a.detach() for a in attentions], None if sequence is None else sequence.detach()
     weights = token_pool_weights(pool, attentions[0].shape[-1], prefix, sequence)
     if method == "rollout":
         raw = attention_rollout(attentions, prefix, pool_weights=weights)

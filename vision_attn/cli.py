@@ -6,12 +6,13 @@ import os
 import pickle
 import sys
 
-USAGE = """usage: vision-attn {fit,validate,test,predict,explain,export,models} ...
+USAGE = """usage: vision-attn {fit,validate,test,predict,explain,export,models,methods} ...
 
   fit|validate|test|predict   train / evaluate with LightningCLI (same as python train.py ...)
   explain                     write attention-map overlays and scores for images
   export                      write a trained model as a timm/HF folder, ONNX, TorchScript or .pt2
-  models                      list the registered model names
+  models [PATTERN]            list the registered model names
+  methods [--plugin MODULE]   list the explain methods (what each needs, its options), as a markdown table
 """
 
 
@@ -42,6 +43,16 @@ def _dispatch(argv: list[str]) -> int:
         import vision_attn
 
         print("\n".join(vision_attn.list_models(*rest[:1])))
+        return 0
+    if command == "methods":
+        from vision_attn.explain import registry
+        from vision_attn.explain.runner import load_plugins
+
+        if rest[:1] == ["--plugin"] and len(rest) == 2:
+            load_plugins(rest[1:])
+        elif rest:
+            raise ValueError(f"vision-attn methods takes no arguments but --plugin MODULE, got {rest}")
+        print(registry.methods_markdown())
         return 0
     if command == "explain":
         from vision_attn.explain.cli import main as explain_main

@@ -1,5 +1,5 @@
-"""Helpers shared by the explain methods: the model behind wrappers, targets, token layout and pooling of a
-model, image checks, eval mode, map post-processing."""
+"""Helpers shared by the explain methods: the model behind wrappers, targets, image and logit checks, eval mode,
+map post-processing."""
 
 from __future__ import annotations
 
@@ -13,12 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vision_attn.explain.rollout import check_grid_size
 from vision_attn.layers.checks import check_images
-from vision_attn.layers.pooling import SequencePool
 
 __all__ = [
-    "TOKEN_METHODS",
     "NotApplicableError",
     "check_logits",
     "check_model_images",
@@ -28,14 +25,9 @@ __all__ = [
     "require_classes",
     "resolve_targets",
     "to_model_inputs",
-    "token_layout",
-    "token_pool",
     "unwrap_model",
     "upsample_maps",
 ]
-
-TOKEN_METHODS = ("rollout", "gradient_rollout", "attention")
-
 
 class NotApplicableError(ValueError):
     """A method that does not apply to a model (rollout on a CNN, a class-target method on a ``num_classes=0``
@@ -134,90 +126,6 @@ def check_model_images(model: nn.Module, images: torch.Tensor, name: str = "imag
             f"{name} hold NaN or Inf values (batch indices {bad[:10]}{' ...' if len(bad) > 10 else ''}); "
             "explain needs finite, normalized images"
         )
-
-
-def _model_grid(model: nn.Module, image_size: tuple[int, int]) -> tuple[int, int] | None:
-    patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is not None and hasattr(patch_embed, "dynamic_feat_size"):
-        gh, gw = patch_embed.dynamic_feat_size(tuple(image_size))
-        return int(gh), int(gw)
-    if patch_embed is not None and getattr(patch_embed, "grid_size", None) is not None:
-        gh, gw = patch_embed.grid_size
-        return int(gh), int(gw)
-    return None
-
-
-def token_layout(
-    model: nn.Module,
-    image_size: tuple[int, int],
-    num_prefix_tokens: int | None = None,
-    grid_size: int | Sequence[int] | None = None,
-) -> tuple[int, tuple[int, int] | None]:
-    """Return ``(num_prefix_tokens, (gh, gw))`` of a ViT-style ``model`` for inputs of ``image_size``.
-
-    Read from ``model.num_prefix_tokens`` and ``model.patch_embed`` (``dynamic_feat_size`` or ``grid_size``) —
-    works for our ViTs and timm's (class, distillation and register tokens). Given values must agree with what the
-    model declares (``ValueError`` otherwise) and are needed only where it declares nothing; ``grid_size`` may be an
-    int (square). The grid is ``None`` when the model has no ``patch_embed`` (rollout then needs a square count).
-    """
-    declared = getattr(model, "num_prefix_tokens", None)
-    if num_prefix_tokens is None:
-        num_prefix_tokens = declared if declared is not None else int(getattr(model, "cls_token", None) is not None)
-    elif isinstance(declared, int) and num_prefix_tokens != declared:
-        raise ValueError(
-            f"num_prefix_tokens {num_prefix_tokens!r} does not match model {type(model).__name__}, which has "
-            f"{declared} prefix tokens (class, distillation and register tokens); leave it out"
-        )
-    model_grid = _model_grid(model, image_size)
-    if grid_size is None:
-        return int(num_prefix_tokens), model_grid
-    grid = check_grid_size(grid_size)
-    if model_grid is not None and grid != model_grid:
-        raise ValueError(
-            f"grid_size {grid_size!r} does not match the token grid {model_grid} of model {type(model).__name__} "
-            f"for {image_size[0]}x{image_size[1]} images; leave it out"
-        )
-    return int(num_prefix_tokens), grid
-
-
-def token_pool(model: nn.Module) -> str:
-    """Return how ``model``'s head pools its output tokens, as a pool of
-    :func:`~vision_attn.explain.rollout.token_pool_weights`: ``'token'``, ``'distilled'``, ``'avg'``, ``'avg_all'``
-    or ``'seq'``.
-
-    Reads ``attn_pool`` (our :class:`~vision_attn.layers.SequencePool`: ``'seq'``), ``head_dist`` (timm's distilled
-    DeiT: ``'distilled'``), ``global_pool`` (``'token'``/``'avg'``; ``pool_include_prefix`` gives ``'avg_all'``);
-    a model that declares none of these is read as ``'token'`` with prefix tokens, else ``'avg'``. Raises
-    :class:`NotApplicableError` for pools no row weighting describes (timm's ``'max'``, ``'avgmax'``, attention
-    pooling ``'map'``).
-    """
-    name = type(model).__name__
-    global_pool = getattr(model, "global_pool", None)
-    attn_pool = getattr(model, "attn_pool", None)
-    if isinstance(attn_pool, SequencePool):
-        return "seq"
-    if isinstance(attn_pool, nn.Module):
-        raise NotApplicableError(
-            f"model {name} pools its tokens with {type(attn_pool).__name__} (global_pool={global_pool!r}); the "
-            f"token methods {TOKEN_METHODS} read class-token, distillation-token, average or sequence pooling "
-            "only; use a Grad-CAM method"
-        )
-    if isinstance(getattr(model, "head_dist", None), nn.Module):
-        return "distilled"
-    if global_pool == "token":
-        return "token"
-    if global_pool == "avg":
-        return "avg_all" if getattr(model, "pool_include_prefix", False) else "avg"
-    if isinstance(global_pool, str) and global_pool:
-        raise NotApplicableError(
-            f"model {name} pools its tokens by global_pool={global_pool!r}, which no weighting of token rows "
-            f"describes; the token methods {TOKEN_METHODS} need 'token', 'avg' or sequence pooling; use a Grad-CAM "
-            "method"
-        )
-    prefix = getattr(model, "num_prefix_tokens", None)
-    if prefix is None:
-        prefix = int(getattr(model, "cls_token", None) is not None)
-    return "token" if prefix > 0 else "avg"
 
 
 def require_classes(model: nn.Module, method: str) -> None:

@@ -11,34 +11,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from vision_attn._cli import json_object_option
+from vision_attn._cli import check_device, json_object_option
+from vision_attn._data_config import INTERPOLATIONS, channel_stats, resolve_data_config
 from vision_attn._io import atomic_write_text, check_writable_dir
-from vision_attn.data.images import (
-    channel_stats,
-    find_image_files,
-    load_dataset_images,
-    load_image_files,
-    parse_dataset_spec,
-    read_boxes,
-    resize_boxes,
-    unique_names,
-)
+from vision_attn.data.images import find_image_files, parse_dataset_spec, read_boxes
 from vision_attn.explain._common import NotApplicableError, upsample_maps
-from vision_attn.explain.api import METHODS, explain
-from vision_attn.explain.cam import CAM_METHODS
+from vision_attn.explain.registry import get_method, list_methods
+from vision_attn.explain.runner import SCORES, explain_batches, load_inputs, load_plugins, predict, score_maps
+from vision_attn.models import load_model
 
-__all__ = ["build_parser", "load_model", "main"]
-
-SCORES = ("pointing_game", "energy_pointing", "deletion_auc", "insertion_auc")
-
+__all__ = ["build_parser", "main", "per_class_means"]
 
 def _int_at_least(minimum: int) -> Any:
     def parse(text: str) -> int:
@@ -111,8 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["rollout"],
         metavar="[K:]M",
-        help=f"one or more of {', '.join(METHODS)} (default: rollout); with several models, a method applies to "
-        "every model it suits, or with a prefix K: only to the K-th model (0-based, checkpoints first)",
+        help=f"one or more of {', '.join(list_methods())}, or 'all' (default: rollout); with several models, a "
+        "method applies to every model it suits, or with a prefix K: only to the K-th model (0-based, checkpoints "
+        "first); methods that do not apply to a model are skipped and listed",
+    )
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE (a module name or a .py file) first, so the explain methods it registers with "
+        "vision_attn.explain.register_method can be named in --method; may be repeated",
     )
     parser.add_argument(
         "--scores",
@@ -136,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="JSON",
         help="JSON {image path or file name: [x_min, y_min, x_max, y_max]} in the image's own pixels, to add "
-        "pointing-game scores (boxes are rescaled with the image)",
+        "pointing-game scores (boxes go through the same resize and crop as the image)",
     )
     parser.add_argument(
         "--img-size",
@@ -144,7 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="N",
-        help="resize images to N (or H W) pixels (default: the checkpoint's img_size, else the model's input size)",
+        help="model input size N (or H W) (default: the one recorded with the weights, else the model's own)",
+    )
+    parser.add_argument(
+        "--crop-pct",
+        type=_fraction,
+        default=None,
+        help="eval centre-crop fraction in (0, 1] (default: the one recorded with the weights)",
+    )
+    parser.add_argument(
+        "--interpolation",
+        choices=INTERPOLATIONS,
+        default=None,
+        help="eval resize interpolation (default: the one recorded with the weights)",
     )
     parser.add_argument(
         "--mean",
@@ -170,89 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser  # fmt: skip
 
 
-def load_model(
-    checkpoint: str | os.PathLike | None = None,
-    model_name: str | None = None,
-    weights: str | os.PathLike | None = None,
-    model_args: dict[str, Any] | None = None,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Build a model in eval mode from trained weights or a model name; returns ``(model, info)``.
-
-    ``checkpoint`` (a train.py checkpoint, an export folder, a ``.safetensors`` with metadata) or ``weights`` (for
-    ``model_name``) are read by :func:`vision_attn.load_trained`, which uses a checkpoint's EMA weights when it
-    has them. ``info`` holds ``name``, ``mean``, ``std``, ``input_size`` ``(H, W)`` and, where known,
-    ``class_names`` and ``img_size`` (the size the weights were trained at).
-    """
-    from vision_attn.models._loading import build_model, load_trained, model_input_size
-
-    if checkpoint is not None or weights is not None:
-        source = checkpoint if checkpoint is not None else weights
-        name = None if checkpoint is not None else model_name
-        model, loaded = load_trained(source, model_name=name, model_args=model_args)
-        info = {k: loaded[k] for k in ("mean", "std", "class_names", "img_size") if loaded.get(k) is not None}
-        return model, {**info, "name": loaded["model_name"], "input_size": tuple(loaded["input_size"][1:])}
-    if model_name is None:
-        raise ValueError("give a --checkpoint PATH or a --model NAME")
-    model = build_model(model_name, **dict(model_args or {})).eval()
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    info = {"name": model_name, "mean": cfg.get("mean"), "std": cfg.get("std")}
-    return model, {**info, "input_size": model_input_size(model)[1:]}
-
-
-def _method_options(method: str, chunk_index: int, target_layer: str | None) -> dict[str, Any]:
-    if method == "random":
-        return {"seed": chunk_index}
-    if method in CAM_METHODS and target_layer is not None:
-        return {"target_layers": [target_layer]}
-    return {}
-
-
 def _parse_method(spec: str) -> tuple[int | None, str]:
     index, _, method = spec.rpartition(":")
-    if method not in METHODS or (index and not index.isdigit()):
-        raise ValueError(f"--method {spec!r} is not [K:]METHOD with METHOD one of {METHODS}")
+    methods = list_methods()
+    if (method not in methods and method != "all") or (index and not index.isdigit()):
+        raise ValueError(f"--method {spec!r} is not [K:]METHOD with METHOD 'all' or one of {tuple(methods)}")
     return (int(index) if index else None), method
 
 
-def _check_device(spec: str) -> torch.device:
-    """``--device`` as a ``torch.device``; ``ValueError`` for a malformed one or one this machine lacks."""
-    try:
-        device = torch.device(spec)
-    except (RuntimeError, ValueError) as err:
-        raise ValueError(f"--device {spec!r} is not a device; expected cpu, cuda, cuda:N or mps") from err
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"--device {spec!r} needs a CUDA GPU, but none is available here; use --device cpu")
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"--device {spec!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f"--device {spec!r} needs Apple's MPS backend, which is not available; use --device cpu")
-    elif device.type != "cpu":
-        raise ValueError(f"--device {spec!r} is not supported; expected cpu, cuda, cuda:N or mps")
-    return device
-
-
-def _in_chans(model: nn.Module) -> int:
-    from vision_attn.explain._common import _in_chans as find
-
-    return find(model) or 3
-
-
-def _input_size(model: nn.Module, info: dict[str, Any], img_size: Sequence[int] | None) -> tuple[int, int] | None:
-    """``(H, W)`` images are resized to: ``--img-size``, else the checkpoint's ``img_size`` (what the model was
-    trained at; for CNNs the model itself does not know it), else the model's own input size."""
-    for size in (img_size, info.get("img_size"), info.get("input_size")):
-        if size is None:
-            continue
-        size = [size] if isinstance(size, int) else list(size)
-        if len(size) == 1:
-            size = size * 2
-        if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
-            raise ValueError(f"image size {size!r} (--img-size or the checkpoint's img_size) must be N or H W")
-        return int(size[0]), int(size[1])
-    return None
+def _methods_for(plan: list[tuple[int | None, str]], index: int) -> list[str]:
+    """The methods to run on the ``index``-th model, in order (``all``: every registered method)."""
+    names = [m for k, m in plan if k in (None, index)]
+    expanded = [n for name in names for n in (list_methods() if name == "all" else [name])]
+    return list(dict.fromkeys(expanded))
 
 
 def _markdown_table(summary: dict[str, dict[str, float]]) -> str:
@@ -295,7 +234,7 @@ def _check_arguments(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.cmap not in colormaps:
         raise ValueError(f"--cmap {args.cmap!r} is not a matplotlib colormap (e.g. jet, viridis, inferno)")
-    device = _check_device(args.device)
+    device = check_device(args.device)
     paths = find_image_files(args.images) if args.images is not None else []
     boxes = read_boxes(args.boxes, paths) if args.boxes and paths else None
     if args.boxes and args.dataset is not None:
@@ -305,28 +244,26 @@ def _check_arguments(args: argparse.Namespace) -> dict[str, Any]:
                 out=out)  # fmt: skip
 
 
-def _model_images(
-    args: argparse.Namespace, model: nn.Module, info: dict[str, Any], paths: list[Path], file_boxes: Any
-) -> tuple[torch.Tensor, list[str], torch.Tensor | None, tuple | None, tuple | None, torch.Tensor | None]:
-    """``(images, names, boxes, mean, std, labels)`` for one model: read, resized and normalized as the model
-    expects; ``labels`` (the true classes) only for ``--dataset``."""
-    in_chans = _in_chans(model)
-    mean = channel_stats(args.mean, in_chans, "--mean") if args.mean is not None else None
-    std = channel_stats(args.std, in_chans, "--std") if args.std is not None else None
-    mean = mean or channel_stats(info.get("mean"), in_chans, f"the mean of {info['name']}", convert=True)
-    std = std or channel_stats(info.get("std"), in_chans, f"the std of {info['name']}", convert=True)
-    size = _input_size(model, info, args.img_size)
-    if args.dataset is not None:
-        from vision_attn.data.datasets import dataset_info
+def _data_config(args: argparse.Namespace, model: nn.Module, info: dict[str, Any]) -> dict[str, Any]:
+    """The eval preprocessing for one model: what was recorded with its weights (or its own), with the
+    ``--img-size``/``--mean``/``--std``/``--crop-pct``/``--interpolation`` given on the command line."""
+    in_chans = int(info["input_size"][0])
+    return resolve_data_config(
+        model,
+        info,
+        img_size=args.img_size if args.img_size is None or len(args.img_size) == 2 else args.img_size[0],
+        mean=channel_stats(args.mean, in_chans, "--mean"),
+        std=channel_stats(args.std, in_chans, "--std"),
+        crop_pct=args.crop_pct,
+        interpolation=args.interpolation,
+    )
 
-        data = dataset_info(parse_dataset_spec(args.dataset)[0])
-        mean = mean or channel_stats(data.mean, in_chans, "the dataset's mean", convert=True)
-        std = std or channel_stats(data.std, in_chans, "the dataset's std", convert=True)
-        images, names, boxes, labels = load_dataset_images(args.dataset, args.limit, in_chans, size, mean, std)
-        return images, names, boxes, mean, std, labels
-    images, sizes = load_image_files(paths, in_chans, size, mean, std)
-    boxes = None if file_boxes is None else resize_boxes(file_boxes, sizes, tuple(images.shape[-2:]))
-    return images, unique_names(paths), boxes, mean, std, None
+
+def _method_options(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    """``--target-layer`` for the methods that take ``target_layers``."""
+    if args.target_layer is not None and "target_layers" in get_method(method).options:
+        return {"target_layers": [args.target_layer]}
+    return {}
 
 
 def per_class_means(
@@ -366,10 +303,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     image and map. A method that does not apply to a model (e.g. rollout on a CNN)
     is skipped and reported; the run fails only when no method applies to any model.
     """
-    from vision_attn.explain.metrics import deletion_auc, energy_pointing, insertion_auc, pointing_game
     from vision_attn.explain.plot import method_grid, save_overlay
 
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--plugin", action="append", default=[])
+    known, _ = pre.parse_known_args(argv)
     parser = build_parser()
+    try:
+        load_plugins(known.plugin)  # before parsing: --method and its help name the methods they register
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
     args = parser.parse_args(argv)
     try:
         plan = _check_arguments(args)
@@ -386,27 +329,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     for index, (checkpoint, model_name, weight_file) in enumerate(sources):
         model, info = load_model(checkpoint, model_name, weight_file, plan["model_args"])
         model.to(device)
-        images, names, boxes, mean, std, labels = _model_images(args, model, info, plan["paths"], plan["boxes"])
-        images = images.to(device)
+        config = _data_config(args, model, info)
+        inputs = load_inputs(config, plan["paths"] or None, args.dataset, args.limit, plan["boxes"])
+        images, boxes, labels = inputs.images.to(device), inputs.boxes, inputs.labels
         class_names = list(info.get("class_names") or [])
         if not records:
-            records = [{"image": name, "models": {}} for name in names]
-            for record, path in zip(records, plan["paths"], strict=False):
+            records = [{"image": name, "models": {}} for name in inputs.names]
+            for record, path in zip(records, inputs.paths or [], strict=False):
                 record["path"] = str(path)
             for record, true in zip(records, [] if labels is None else labels.tolist(), strict=False):
                 record["label"] = int(true)
                 record["class_name"] = class_names[true] if true < len(class_names) else None
-            shown = dict(images=images[: args.grid_images].cpu(), mean=mean, std=std,
+            shown = dict(images=images[: args.grid_images].cpu(), mean=config["mean"], std=config["std"],
                          boxes=None if boxes is None else boxes[: args.grid_images])  # fmt: skip
-        label = info["name"] if len(sources) == 1 else f"{index}:{info['name']}"
-        with torch.no_grad():
-            logits = torch.cat([model(chunk) for chunk in images.split(args.batch_size)])
-        if args.target is not None and logits.ndim == 2 and args.target >= logits.shape[1]:
+        label = info["model_name"] if len(sources) == 1 else f"{index}:{info['model_name']}"
+        probs = predict(model, images, args.batch_size)
+        if args.target is not None and args.target >= probs.shape[1]:
             raise ValueError(
-                f"--target {args.target} is out of range: model {info['name']} has {logits.shape[1]} classes "
-                f"(0 to {logits.shape[1] - 1})"
+                f"--target {args.target} is out of range: model {info['model_name']} has {probs.shape[1]} classes "
+                f"(0 to {probs.shape[1] - 1})"
             )
-        probs = logits.float().softmax(dim=-1)
         for i, rec in enumerate(records):
             pred = int(probs[i].argmax())
             rec["models"][label] = {
@@ -415,29 +357,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "probability": float(probs[i, pred]),
                 "scores": {},
             }
-        for method in [m for k, m in plan["methods"] if k in (None, index)]:
+        for method in _methods_for(plan["methods"], index):
             column = method if len(sources) == 1 else f"{label}:{method}"
             try:
-                maps = torch.cat(
-                    [
-                        explain(model, chunk, method, args.target, **_method_options(method, k, args.target_layer))
-                        for k, chunk in enumerate(images.split(args.batch_size))
-                    ]
-                )
+                options = _method_options(args, method)
+                maps = explain_batches(model, images, method, args.target, args.batch_size, **options)
             except NotApplicableError as err:
                 skipped.append({"model": label, "method": method, "reason": str(err)})
                 continue
             grid_maps[column] = upsample_maps(maps[: args.grid_images].cpu(), tuple(shown["images"].shape[-2:]))
-            scores: dict[str, torch.Tensor] = {}
-            kw = {"steps": args.steps, "batch_size": args.batch_size}
-            if boxes is not None and "pointing_game" in args.scores:
-                scores["pointing_game"] = pointing_game(maps.cpu(), boxes)
-            if boxes is not None and "energy_pointing" in args.scores:
-                scores["energy_pointing"] = energy_pointing(maps.cpu(), boxes)
-            if args.steps > 0 and "deletion_auc" in args.scores:
-                scores["deletion_auc"] = deletion_auc(model, images, maps, args.target, **kw)
-            if args.steps > 0 and "insertion_auc" in args.scores:
-                scores["insertion_auc"] = insertion_auc(model, images, maps, args.target, **kw)
+            scores = score_maps(model, images, maps, boxes, args.target, args.scores, args.steps, args.batch_size)
             summary[column] = {k: float(v.float().mean()) for k, v in scores.items()}
             if labels is not None and scores:
                 per_class[column] = per_class_means(scores, labels, class_names)
@@ -445,8 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rec["models"][label]["scores"][method] = {k: float(v[i]) for k, v in scores.items()}
                 if not args.no_overlays:
                     save_overlay(
-                        out / f"{names[i]}_{column.replace(':', '_').replace('/', '_')}.png", images[i].cpu(),
-                        maps[i].cpu(), cmap=args.cmap, alpha=args.alpha, mean=mean, std=std,
+                        out / f"{inputs.names[i]}_{column.replace(':', '_').replace('/', '_')}.png", images[i].cpu(),
+                        maps[i].cpu(), cmap=args.cmap, alpha=args.alpha, mean=config["mean"], std=config["std"],
                     )  # fmt: skip
     for skip in skipped:
         print(f"skipped {skip['model']}:{skip['method']}: {skip['reason']}")
