@@ -46,7 +46,7 @@ from torch.overrides import TorchFunctionMode
 
 from vision_attn.explain._common import NotApplicableError
 
-__all__ = ["LINEAR_RULES", "RULE_SETS", "LRPRules", "lrp_forward", "safe_divide"]
+__all__ = ["LINEAR_RULES", "RULE_SETS", "LRPRules", "embedding_module", "lrp_forward", "safe_divide"]
 
 RULE_SETS = ("attnlrp", "chefer")
 LINEAR_RULES = ("gradient", "alpha1beta0")
@@ -373,6 +373,18 @@ class LRPRules(TorchFunctionMode):
         return self._product(torch.matmul, (attn, v), {})
 
 
+def embedding_module(model: nn.Module) -> nn.Module:
+    """Return ``model.patch_embed``, whose output (the token embeddings) is where relevance is read; raises
+    :class:`~vision_attn.explain.NotApplicableError` for a model without one (a CNN)."""
+    patch_embed = getattr(model, "patch_embed", None)
+    if not isinstance(patch_embed, nn.Module):
+        raise NotApplicableError(
+            f"model {type(model).__name__} has no patch_embed module: relevance is read at the token embeddings (the "
+            "output of patch_embed), which ViT-family models have; use a Grad-CAM method for a CNN"
+        )
+    return patch_embed
+
+
 def lrp_forward(model: nn.Module, images: torch.Tensor, rules: LRPRules) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``model(images)`` once under ``rules``; return ``(output, embeddings)``.
 
@@ -385,12 +397,7 @@ def lrp_forward(model: nn.Module, images: torch.Tensor, rules: LRPRules) -> tupl
     returns a tensor.
     """
     name = type(model).__name__
-    patch_embed = getattr(model, "patch_embed", None)
-    if not isinstance(patch_embed, nn.Module):
-        raise NotApplicableError(
-            f"model {name} has no patch_embed module: relevance is read at the token embeddings (the output of "
-            "patch_embed), which ViT-family models have; use a Grad-CAM method for a CNN"
-        )
+    patch_embed = embedding_module(model)
     captured: list[torch.Tensor] = []
 
     def leaf(module: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor:

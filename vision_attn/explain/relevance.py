@@ -29,7 +29,7 @@ from vision_attn.explain._common import (
     unwrap_model,
 )
 from vision_attn.explain.capture import AttentionRecorder
-from vision_attn.explain.lrp import LINEAR_RULES, LRPRules, lrp_forward, safe_divide
+from vision_attn.explain.lrp import LINEAR_RULES, LRPRules, embedding_module, lrp_forward, safe_divide
 from vision_attn.explain.rollout import gradient_rollout, token_pool_weights
 
 __all__ = ["attnlrp", "transformer_attribution"]
@@ -42,6 +42,7 @@ def _prepare(model: nn.Module, images: torch.Tensor, method: str) -> tuple[nn.Mo
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = unwrap_model(model)
+    embedding_module(model)
     check_model_images(model, images)
     require_classes(model, method)
     num_prefix, grid = token_layout(model, (images.shape[-2], images.shape[-1]))
