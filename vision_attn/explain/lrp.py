@@ -53,11 +53,16 @@ LINEAR_RULES = ("gradient", "alpha1beta0")
 
 
 def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    """``numerator / denominator`` stabilised as in Chefer et al.'s ``layers_ours.safe_divide``: the denominator
-    is moved 1e-9 away from zero, and entries whose denominator is exactly zero give zero."""
-    den = denominator.clamp(min=1e-9) + denominator.clamp(max=1e-9)
-    den = den + den.eq(0).to(den.dtype) * 1e-9
-    return numerator / den * denominator.ne(0).to(den.dtype)
+    """``numerator / denominator`` stabilised as in Chefer et al.'s ``layers_ours.safe_divide``: their clamps add 1e-9
+    to the denominator (a sum of exactly 0 becomes 1e-9), and entries whose denominator is 0 give 0."""
+    den = denominator + 1e-9
+    den = den.masked_fill(den == 0, 1e-9)
+    return (numerator / den).masked_fill_(denominator == 0, 0.0)
+
+
+def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """``numerator / denominator``, 0 where that is not finite (an input of exactly 0 holds no relevance)."""
+    return torch.nan_to_num(numerator / denominator, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _plain_vjp(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -69,16 +74,20 @@ def _plain_vjp(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad
 
 
 class _GradScale(Function):
-    """Identity forward; backward multiplies the gradient by ``factor`` (the uniform rule of a product)."""
+    """Identity forward; backward multiplies the gradient by ``factor`` (the uniform rule of a product).
+
+    With ``copy=False`` the output is a view of ``x``, which nothing may modify in place (used where the consumer is
+    known: the inputs of ``F.scaled_dot_product_attention``); else a copy, which the model may modify.
+    """
 
     @staticmethod
-    def forward(ctx: Any, rules: LRPRules, x: torch.Tensor, factor: float) -> torch.Tensor:
+    def forward(ctx: Any, rules: LRPRules, x: torch.Tensor, factor: float, copy: bool = True) -> torch.Tensor:
         ctx.rules, ctx.factor = rules, factor
-        return x.clone()  # a fresh tensor, not a view: the model may modify it in place
+        return x.clone() if copy else x.view_as(x)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
-        return None, grad * ctx.factor if ctx.rules.propagate else grad, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, None, None]:
+        return None, grad * ctx.factor if ctx.rules.propagate else grad, None, None
 
 
 class _IdentityRule(Function):
@@ -97,7 +106,7 @@ class _IdentityRule(Function):
         x, y = ctx.saved_tensors
         if not ctx.rules.propagate:
             return None, None, _plain_vjp(ctx.fn, x, grad)
-        return None, None, safe_divide(y * grad, x)
+        return None, None, _ratio(y * grad, x)
 
 
 class _NormRule(Function):
@@ -116,12 +125,16 @@ class _NormRule(Function):
         rms: bool,
     ) -> torch.Tensor:
         ctx.rules, ctx.shape, ctx.eps, ctx.rms = rules, tuple(normalized_shape), eps, rms
-        ctx.save_for_backward(x, weight, bias)
-        return _norm(x, ctx.shape, weight, bias, eps, rms)
+        if rms:
+            y, rstd = F.rms_norm(x, ctx.shape, weight, eps), None
+        else:
+            y, _, rstd = torch.native_layer_norm(x, ctx.shape, weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, rstd)
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        x, weight, bias = ctx.saved_tensors
+        x, weight, bias, rstd = ctx.saved_tensors
         if not ctx.rules.propagate:
             grad_x = _plain_vjp(lambda t: _norm(t, ctx.shape, weight, bias, ctx.eps, ctx.rms), x, grad)
             return None, grad_x, None, None, None, None, None
@@ -130,10 +143,9 @@ class _NormRule(Function):
         if ctx.rms:
             eps = torch.finfo(x.dtype).eps if ctx.eps is None else ctx.eps
             grad_x = scaled * torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + eps)
-        else:
-            rstd = torch.rsqrt(x.var(dim=dims, unbiased=False, keepdim=True) + ctx.eps)
-            grad_x = (scaled - scaled.mean(dim=dims, keepdim=True)) * rstd  # centring is linear: its transpose
-        return None, grad_x, None, None, None, None, None
+        else:  # centring is linear and symmetric: its own transpose
+            grad_x = (scaled - scaled.mean(dim=dims, keepdim=True)) * rstd
+        return None, grad_x.to(x.dtype), None, None, None, None, None
 
 
 def _norm(
@@ -159,24 +171,19 @@ class _LinearAlpha1Beta0(Function):
     ) -> torch.Tensor:
         y = F.linear(x, weight, bias)
         ctx.rules = rules
-        ctx.save_for_backward(x, weight, bias, y)
+        ctx.save_for_backward(x, weight, y)
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, None, None]:
-        x, weight, bias, y = ctx.saved_tensors
+        x, weight, y = ctx.saved_tensors
         if not ctx.rules.propagate:
             return None, grad @ weight, None, None
-        # Σ_i (x_i w_ji)^+ = (Σ_i x_i w_ji + Σ_i |x_i| |w_ji|) / 2: one extra product instead of two
-        dot = y if bias is None else y - bias
-        magnitude = F.linear(x.abs(), weight.abs())
-        positive = ((dot + magnitude) * 0.5).clamp(min=0)
-        # where the positive part is lost in rounding, it is zero (as when every contribution is negative)
-        floor = 64 * torch.finfo(y.dtype).eps * (magnitude + (0 if bias is None else bias.abs()))
-        positive = torch.where(positive > floor, positive, torch.zeros_like(positive))
-        share = safe_divide(y * grad, positive)  # B.., out: relevance per unit of positive contribution
-        grad_x = torch.where(x > 0, share @ weight.clamp(min=0), share @ weight.clamp(max=0))
-        return None, grad_x, None, None
+        w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
+        positive = F.linear(x.clamp(min=0), w_pos) + F.linear(x.clamp(max=0), w_neg)  # Σ_i (x_i w_ji)^+ >= 0
+        # safe_divide(R, Z+) for Z+ >= 0: relevance per unit of positive contribution (0 where there is none)
+        share = (y * grad).div_(positive + 1e-9).masked_fill_(positive == 0, 0.0)
+        return None, torch.where(x > 0, share @ w_pos, share @ w_neg), None, None
 
 
 class _NormalizedAdd(Function):
@@ -273,8 +280,8 @@ class LRPRules(TorchFunctionMode):
 
     # --- rules; each falls back to the plain op where its operands are not input-dependent -----------------------
 
-    def _scale(self, x: torch.Tensor, factor: float) -> torch.Tensor:
-        return _GradScale.apply(self, x, factor) if factor != 1.0 and x.requires_grad else x
+    def _scale(self, x: torch.Tensor, factor: float, copy: bool = True) -> torch.Tensor:
+        return _GradScale.apply(self, x, factor, copy) if factor != 1.0 and x.requires_grad else x
 
     def _product(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         operands = args[1:] if func is torch.einsum else args
@@ -339,9 +346,9 @@ class LRPRules(TorchFunctionMode):
         score_factor = 0.5 if q_dep and k_dep else 1.0  # q @ k^T: uniform rule when both depend on the input
         out_factor = 0.5 if (q_dep or k_dep) and v_dep else 1.0  # A @ v likewise
         if self.rules == "attnlrp":  # softmax has its plain gradient: scaling q, k and v is the whole rule
-            q = self._scale(q, score_factor * out_factor)
-            k = self._scale(k, score_factor * out_factor)
-            return func(q, k, self._scale(v, out_factor), **bound)
+            q = self._scale(q, score_factor * out_factor, copy=False)
+            k = self._scale(k, score_factor * out_factor, copy=False)
+            return func(q, k, self._scale(v, out_factor, copy=False), **bound)
         return self._explicit_attention(q, k, v, **bound)
 
     def _explicit_attention(

@@ -118,9 +118,10 @@ def transformer_attribution(
     attention, switched by :class:`~vision_attn.explain.AttentionRecorder` and restored) and two backward passes.
 
     Deviations from their code: their sums in ``Add.relprop`` run over the whole tensor of a batch of one, here over
-    each image; products other than attention's two (CCT sequence pooling, gates) get the same halving; near-zero
-    denominators of the z+ rule that rounding leaves (below 64 ulp of ``Σ|x_i w_ji| + |b_j|``) count as zero,
-    as their exact zeros do; their patch-embedding and input rules are not needed (relevance stops at ``A``).
+    each image; products other than attention's two (CCT sequence pooling, gates) get the same halving; in gradient
+    x input form a value of exactly 0 carries no relevance (their identity rules pass it on to the next rule, which
+    then drops it unless that rule is a linear layer's); their patch-embedding and input rules are not needed
+    (relevance stops at ``A``).
     ``linear_rule='gradient'`` replaces the z+ rule by gradient x input (epsilon-LRP) on linear layers: not their
     method, but about half the cost of the backward passes. Raises
     :class:`~vision_attn.explain.NotApplicableError` for models without global token attention (CNNs, windowed
