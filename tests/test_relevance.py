@@ -98,6 +98,13 @@ def test_identity_rule_on_element_wise_non_linearities(rules: str) -> None:
     for fn in (F.gelu, F.silu, torch.tanh, lambda t: t.sigmoid()):
         out, (rel,) = _rule_relevance(fn, [x], torch.ones(4), rules=rules)
         torch.testing.assert_close(rel, out)  # all of each output's relevance to its input, none elsewhere
+    # modules built with inplace=True (flag by name or by position) get the rule and leave their input as it was
+    for module in (nn.SiLU(inplace=True), nn.Hardswish(inplace=True), nn.ELU(inplace=True)):
+        leaf = x.double().requires_grad_(True)
+        with LRPRules(rules):
+            out = module(leaf * 1.0)
+        (grad,) = torch.autograd.grad(out, leaf, torch.ones(4, dtype=torch.float64))
+        torch.testing.assert_close(leaf * grad, out.detach(), msg=type(module).__name__)
     # in gradient x input form an input of exactly 0 holds no relevance (sigmoid(0) = 0.5 is lost), as in lxt
     out, (rel,) = _rule_relevance(torch.sigmoid, [torch.zeros(1)], torch.ones(1), rules=rules)
     assert out.item() == 0.5
@@ -576,6 +583,7 @@ def _assert_as_found(model: nn.Module, before: dict[str, Any]) -> None:
     for name, value in before["state"].items():
         assert torch.equal(after["state"][name], value), name
     for module in model.modules():
+        assert "forward" not in vars(module), type(module).__name__  # no patched forward
         hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks)
         assert not any(hooks), type(module).__name__
         assert not getattr(module, "_backward_pre_hooks", None)

@@ -34,6 +34,8 @@ graph serves both a plain and an LRP backward pass (Transformer Attribution need
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -231,6 +233,24 @@ def _needs_grad(value: object) -> bool:
     return isinstance(value, torch.Tensor) and value.requires_grad
 
 
+@functools.cache
+def _signature(func: Any) -> inspect.Signature | None:
+    try:
+        return inspect.signature(func)
+    except (TypeError, ValueError):  # some builtins have none; they take no inplace flag
+        return None
+
+
+def _out_of_place(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` of ``func`` with an ``inplace`` flag (given by name or position) set to ``False``."""
+    signature = _signature(func)
+    if signature is None or "inplace" not in signature.parameters:
+        return args, kwargs
+    bound = signature.bind(*args, **kwargs)
+    bound.arguments["inplace"] = False
+    return bound.args, bound.kwargs
+
+
 class LRPRules(TorchFunctionMode):
     """Context manager: forward passes run while it is active build a graph whose gradients are LRP relevance
     divided by the input (gradient x input = relevance), with the per-operation rules of ``rules`` (see the module
@@ -294,8 +314,8 @@ class LRPRules(TorchFunctionMode):
     def _identity(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not args or not _needs_grad(args[0]):
             return func(*args, **kwargs)
-        rest, options = args[1:], {**kwargs, "inplace": False} if "inplace" in kwargs else kwargs
-        return _IdentityRule.apply(self, lambda t: func(t, *rest, **options), args[0])
+        args, kwargs = _out_of_place(func, args, kwargs)  # the rule returns a new tensor; its input stays as it was
+        return _IdentityRule.apply(self, lambda t: func(t, *args[1:], **kwargs), args[0])
 
     def _layer_norm(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return self._norm(func, args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"), 1e-5)

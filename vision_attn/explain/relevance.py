@@ -37,7 +37,9 @@ __all__ = ["attnlrp", "transformer_attribution"]
 Targets = int | Sequence[int] | torch.Tensor | None
 
 
-def _prepare(model: nn.Module, images: torch.Tensor, method: str) -> tuple[nn.Module, torch.Tensor, int, tuple]:
+def _prepare(
+    model: nn.Module, images: torch.Tensor, method: str
+) -> tuple[nn.Module, torch.Tensor, int, tuple[int, int]]:
     """``(model, inputs, num_prefix_tokens, (gh, gw))``: the unwrapped model, the checked images on its device."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
