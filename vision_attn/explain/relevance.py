@@ -79,9 +79,10 @@ def attnlrp(model: nn.Module, images: torch.Tensor, targets: Targets = None) -> 
     ``targets``: ``None`` = the predicted class, an int for all images, or one index per image.
 
     Relevance is conserved by every rule but the softmax (its Taylor decomposition at x leaves a bias term, Prop.
-    3.1) and biases, which take their share: with zero biases, the summed relevance of the embeddings equals the
-    target logit minus what the softmaxes absorb. Fused attention (``F.scaled_dot_product_attention``) keeps its
-    kernel (the rule scales the gradients of q, k and v), so no flag is switched. Raises
+    3.1); biases, position embeddings and prefix tokens take their shares: with none of these, the summed relevance
+    of the embeddings equals the target logit minus what the softmaxes absorb. Fused attention
+    (``F.scaled_dot_product_attention``) keeps its kernel (the rule scales the gradients of q, k and v), so no flag
+    is switched; the cost is about one forward and one backward pass of the batch. Raises
     :class:`~vision_attn.explain.NotApplicableError` for models without token embeddings (CNNs) or without a
     classifier.
     """
