@@ -571,6 +571,7 @@ def _snapshot(model: nn.Module) -> dict[str, Any]:
         training=[m.training for m in model.modules()],
         fused=[getattr(m, "fused_attn", None) for m in model.modules()],
         requires_grad=[p.requires_grad for p in model.parameters()],
+        parameters=[id(p) for p in model.parameters()],  # the same Parameter objects, not swapped copies
         forward=[type(m).forward for m in model.modules()],
     )
 
@@ -578,7 +579,7 @@ def _snapshot(model: nn.Module) -> dict[str, Any]:
 def _assert_as_found(model: nn.Module, before: dict[str, Any]) -> None:
     after = _snapshot(model)
     assert after.keys() == before.keys()
-    for key in ("training", "fused", "requires_grad", "forward"):
+    for key in ("training", "fused", "requires_grad", "parameters", "forward"):
         assert after[key] == before[key], key
     for name, value in before["state"].items():
         assert torch.equal(after["state"][name], value), name
