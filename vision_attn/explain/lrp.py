@@ -1,0 +1,450 @@
+"""Layer-wise relevance propagation (LRP) as a modified gradient, applied per operation from outside a model.
+
+While an :class:`LRPRules` context is active, every torch operation that a rule covers runs through an autograd
+``Function`` whose forward is the operation itself (same values, same kernels) and whose backward implements the
+rule in gradient x input form: the "gradient" ``g`` that reaches a tensor ``x`` makes ``x * g`` its relevance. One
+``torch.autograd.grad`` call over the graph then propagates relevance through the whole model; operations no rule
+covers (linear layers under AttnLRP, convolutions, eval-mode BatchNorm, residual additions, pooling, indexing,
+reshapes, constants added or multiplied) keep their plain gradient, which is epsilon-LRP (epsilon -> 0) there.
+
+A tensor is *input-dependent* when it requires grad; :func:`lrp_forward` runs the model with detached parameters
+and makes its token embeddings the only leaf that requires grad, so that products of two input-dependent tensors
+(``q @ k^T``, ``A @ v``, gates) are told apart from products with weights.
+
+=====================================  ==========================================  ===============================
+operation                              ``'attnlrp'`` (Achtibat et al. 2024)         ``'chefer'`` (Chefer et al. 2021)
+=====================================  ==========================================  ===============================
+``F.linear``                           gradient (epsilon-LRP)                      alpha=1, beta=0 (z+); bias out
+matmul / bmm / einsum / mul of k       uniform: gradient / k (Eq. 7)               same (their ``einsum`` relprop
+input-dependent operands                                                           halved in ``Attention``)
+softmax                                gradient (= Prop. 3.1, Taylor at x)         identity
+``F.layer_norm`` / ``F.rms_norm``      gradient with the std held constant         identity
+                                       (Prop. 3.4)
+element-wise non-linearities (GELU,    identity: gradient = out / in (Eq. 9)       identity
+SiLU, tanh, sigmoid, ...)
+``a + b``, both input-dependent        gradient (epsilon-LRP)                      their normalised ``Add`` (per
+                                                                                   image)
+``F.scaled_dot_product_attention``     fused kernel, gradient scaled: q, k by      decomposed into the explicit
+                                       1/4, v by 1/2 (lxt's ``divide_gradient``)   ops with the rules above
+=====================================  ==========================================  ===============================
+
+``LRPRules.propagate = False`` makes every rule ``Function`` return its plain gradient instead, so one forward
+graph serves both a plain and an LRP backward pass (Transformer Attribution needs both).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd import Function
+from torch.overrides import TorchFunctionMode
+
+from vision_attn.explain._common import NotApplicableError
+
+__all__ = ["LINEAR_RULES", "RULE_SETS", "LRPRules", "embedding_module", "lrp_forward", "safe_divide"]
+
+RULE_SETS = ("attnlrp", "chefer")
+LINEAR_RULES = ("gradient", "alpha1beta0")
+
+
+def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """``numerator / denominator`` stabilised as in Chefer et al.'s ``layers_ours.safe_divide``: their clamps add 1e-9
+    to the denominator (a sum of exactly 0 becomes 1e-9), and entries whose denominator is 0 give 0."""
+    den = denominator + 1e-9
+    den = den.masked_fill(den == 0, 1e-9)
+    return (numerator / den).masked_fill_(denominator == 0, 0.0)
+
+
+def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """``numerator / denominator``, 0 where that is not finite (an input of exactly 0 holds no relevance)."""
+    return torch.nan_to_num(numerator / denominator, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _plain_vjp(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The plain vector-Jacobian product of ``fn`` at ``x`` (recomputed; used for cheap element-wise ops)."""
+    with torch.enable_grad():
+        leaf = x.detach().requires_grad_(True)
+        (result,) = torch.autograd.grad(fn(leaf), leaf, grad)
+    return result
+
+
+class _GradScale(Function):
+    """Identity forward; backward multiplies the gradient by ``factor`` (the uniform rule of a product).
+
+    With ``copy=False`` the output is a view of ``x``, which nothing may modify in place (used where the consumer is
+    known: the inputs of ``F.scaled_dot_product_attention``); else a copy, which the model may modify.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, rules: LRPRules, x: torch.Tensor, factor: float, copy: bool = True) -> torch.Tensor:
+        ctx.rules, ctx.factor = rules, factor
+        return x.clone() if copy else x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, None, None]:
+        return None, grad * ctx.factor if ctx.rules.propagate else grad, None, None
+
+
+class _IdentityRule(Function):
+    """``y = fn(x)`` for a shape-preserving ``fn``; the identity rule ``R_x = R_y`` gives the gradient
+    ``y * g / x``."""
+
+    @staticmethod
+    def forward(ctx: Any, rules: LRPRules, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        y = fn(x)
+        ctx.rules, ctx.fn = rules, fn
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, torch.Tensor]:
+        x, y = ctx.saved_tensors
+        if not ctx.rules.propagate:
+            return None, None, _plain_vjp(ctx.fn, x, grad)
+        return None, None, _ratio(y * grad, x)
+
+
+class _NormRule(Function):
+    """Layer norm (``rms=False``) or RMS norm with the standard deviation held constant (AttnLRP, Prop. 3.4): the
+    gradient of ``(x - mean(x)) / std * weight`` (RMS: ``x / rms * weight``) with ``std`` a constant."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        rules: LRPRules,
+        x: torch.Tensor,
+        normalized_shape: tuple[int, ...],
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float | None,
+        rms: bool,
+    ) -> torch.Tensor:
+        ctx.rules, ctx.shape, ctx.eps, ctx.rms = rules, tuple(normalized_shape), eps, rms
+        if rms:
+            y, rstd = F.rms_norm(x, ctx.shape, weight, eps), None
+        else:
+            y, _, rstd = torch.native_layer_norm(x, ctx.shape, weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        x, weight, bias, rstd = ctx.saved_tensors
+        if not ctx.rules.propagate:
+            grad_x = _plain_vjp(lambda t: _norm(t, ctx.shape, weight, bias, ctx.eps, ctx.rms), x, grad)
+            return None, grad_x, None, None, None, None, None
+        dims = tuple(range(-len(ctx.shape), 0))
+        scaled = grad if weight is None else grad * weight
+        if ctx.rms:
+            eps = torch.finfo(x.dtype).eps if ctx.eps is None else ctx.eps
+            grad_x = scaled * torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + eps)
+        else:  # centring is linear and symmetric: its own transpose
+            grad_x = (scaled - scaled.mean(dim=dims, keepdim=True)) * rstd
+        return None, grad_x.to(x.dtype), None, None, None, None, None
+
+
+def _norm(
+    x: torch.Tensor,
+    shape: tuple[int, ...],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float | None,
+    rms: bool,
+) -> torch.Tensor:
+    if rms:
+        return F.rms_norm(x, shape, weight, eps)
+    return F.layer_norm(x, shape, weight, bias, eps)
+
+
+class _LinearAlpha1Beta0(Function):
+    """``F.linear`` with the alpha=1, beta=0 (z+) rule of Chefer et al.'s ``Linear.relprop``: each output's relevance
+    goes to the inputs in proportion to their positive contributions ``(x_i w_ji)^+``; the bias takes none."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, rules: LRPRules, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        y = F.linear(x, weight, bias)
+        ctx.rules = rules
+        ctx.save_for_backward(x, weight, y)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, None, None]:
+        x, weight, y = ctx.saved_tensors
+        if not ctx.rules.propagate:
+            return None, grad @ weight, None, None
+        w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
+        positive = F.linear(x.clamp(min=0), w_pos) + F.linear(x.clamp(max=0), w_neg)  # Σ_i (x_i w_ji)^+ >= 0
+        # safe_divide(R, Z+) for Z+ >= 0: relevance per unit of positive contribution (0 where there is none)
+        share = (y * grad).div_(positive + 1e-9).masked_fill_(positive == 0, 0.0)
+        return None, torch.where(x > 0, share @ w_pos, share @ w_neg), None, None
+
+
+class _NormalizedAdd(Function):
+    """``a + b`` with Chefer et al.'s ``Add.relprop``: epsilon-LRP shares ``a * g`` and ``b * g``, each rescaled per
+    image so that the two sums split the relevance in proportion to their absolute values and add up to it."""
+
+    @staticmethod
+    def forward(ctx: Any, rules: LRPRules, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.rules = rules
+        ctx.save_for_backward(a, b)
+        return a + b
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, torch.Tensor, torch.Tensor]:
+        if not ctx.rules.propagate:
+            return None, grad, grad
+        a, b = ctx.saved_tensors
+        dims = tuple(range(1, grad.ndim)) if grad.ndim > 1 else tuple(range(grad.ndim))
+        sum_a = (a * grad).sum(dim=dims, keepdim=True)
+        sum_b = (b * grad).sum(dim=dims, keepdim=True)
+        total = sum_a + sum_b  # the relevance of a + b
+        magnitude = sum_a.abs() + sum_b.abs()
+        scale_a = safe_divide(safe_divide(sum_a.abs(), magnitude) * total, sum_a)
+        scale_b = safe_divide(safe_divide(sum_b.abs(), magnitude) * total, sum_b)
+        return None, grad * scale_a, grad * scale_b
+
+
+def _tensor_attrs(*names: str) -> list[Any]:
+    return [getattr(torch.Tensor, name) for name in names if hasattr(torch.Tensor, name)]
+
+
+_PRODUCTS = (
+    torch.matmul, torch.bmm, torch.mul, torch.einsum,
+    *_tensor_attrs("matmul", "__matmul__", "__rmatmul__", "bmm", "mul", "__mul__", "__rmul__"),
+)  # fmt: skip
+_ADDS = (torch.add, *_tensor_attrs("add", "__add__", "__radd__"))
+_SOFTMAXES = (torch.softmax, F.softmax, *_tensor_attrs("softmax"))
+_ELEMENTWISE = (
+    F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.elu, F.selu, F.celu, F.softplus,
+    torch.sigmoid, torch.tanh, *_tensor_attrs("sigmoid", "tanh"),
+)  # fmt: skip
+
+
+def _needs_grad(value: object) -> bool:
+    return isinstance(value, torch.Tensor) and value.requires_grad
+
+
+@functools.cache
+def _signature(func: Any) -> inspect.Signature | None:
+    try:
+        return inspect.signature(func)
+    except (TypeError, ValueError):  # some builtins have none; they take no inplace flag
+        return None
+
+
+def _out_of_place(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` of ``func`` with an ``inplace`` flag (given by name or position) set to ``False``."""
+    signature = _signature(func)
+    if signature is None or "inplace" not in signature.parameters:
+        return args, kwargs
+    bound = signature.bind(*args, **kwargs)
+    bound.arguments["inplace"] = False
+    return bound.args, bound.kwargs
+
+
+class LRPRules(TorchFunctionMode):
+    """Context manager: forward passes run while it is active build a graph whose gradients are LRP relevance
+    divided by the input (gradient x input = relevance), with the per-operation rules of ``rules`` (see the module
+    docstring): ``'attnlrp'`` (Achtibat et al., ICML 2024, "AttnLRP: Attention-Aware Layer-wise Relevance
+    Propagation for Transformers", its efficient gradient x input form) or ``'chefer'`` (the relprop rules of Chefer,
+    Gur & Wolf, CVPR 2021, "Transformer Interpretability Beyond Attention Visualization", code
+    ``baselines/ViT/ViT_LRP.py`` and ``modules/layers_ours.py``).
+
+    ``linear_rule`` (default ``'gradient'`` for AttnLRP, ``'alpha1beta0'`` for Chefer) picks the rule of
+    ``F.linear``. Only operations on input-dependent tensors (that require grad) get a rule; use
+    :func:`lrp_forward` to run a model so. Nothing is changed on any module; call ``torch.autograd.grad`` after
+    leaving the context. :attr:`propagate` (default ``True``) may be set to ``False`` before a backward pass to get
+    the plain gradients of the same graph.
+    """
+
+    def __init__(self, rules: str = "attnlrp", linear_rule: str | None = None) -> None:
+        super().__init__()
+        if rules not in RULE_SETS:
+            raise ValueError(f"rules {rules!r} is unknown; expected one of {RULE_SETS}")
+        if linear_rule is None:
+            linear_rule = "alpha1beta0" if rules == "chefer" else "gradient"
+        if linear_rule not in LINEAR_RULES:
+            raise ValueError(f"linear_rule {linear_rule!r} is unknown; expected one of {LINEAR_RULES}")
+        self.rules, self.linear_rule = rules, linear_rule
+        self.propagate = True
+        chefer = rules == "chefer"
+        handlers: dict[Any, Callable[..., Any]] = dict.fromkeys(_PRODUCTS, self._product)
+        handlers.update(dict.fromkeys(_ELEMENTWISE, self._identity))
+        handlers[F.layer_norm] = self._layer_norm
+        handlers[F.rms_norm] = self._rms_norm
+        handlers[F.scaled_dot_product_attention] = self._sdpa
+        if chefer:
+            handlers.update(dict.fromkeys(_SOFTMAXES, self._identity))
+            handlers.update(dict.fromkeys(_ADDS, self._add))
+        if linear_rule == "alpha1beta0":
+            handlers[F.linear] = self._linear
+        self._handlers = handlers
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        handler = self._handlers.get(func)
+        if handler is not None and torch.is_grad_enabled():
+            return handler(func, args, kwargs)
+        return func(*args, **kwargs)
+
+    # --- rules; each falls back to the plain op where its operands are not input-dependent -----------------------
+
+    def _scale(self, x: torch.Tensor, factor: float, copy: bool = True) -> torch.Tensor:
+        return _GradScale.apply(self, x, factor, copy) if factor != 1.0 and x.requires_grad else x
+
+    def _product(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        operands = args[1:] if func is torch.einsum else args
+        if func is torch.einsum and len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+            operands = operands[0]
+        count = sum(_needs_grad(t) for t in operands)
+        out = func(*args, **kwargs)
+        return self._scale(out, 1.0 / count) if count > 1 and isinstance(out, torch.Tensor) else out
+
+    def _identity(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not args or not _needs_grad(args[0]):
+            return func(*args, **kwargs)
+        args, kwargs = _out_of_place(func, args, kwargs)  # the rule returns a new tensor; its input stays as it was
+        return _IdentityRule.apply(self, lambda t: func(t, *args[1:], **kwargs), args[0])
+
+    def _layer_norm(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return self._norm(func, args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"), 1e-5)
+
+    def _rms_norm(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return self._norm(func, args, kwargs, ("input", "normalized_shape", "weight", "eps"), None)
+
+    def _norm(
+        self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], names: tuple[str, ...], eps: float | None
+    ) -> Any:
+        bound = {"weight": None, "bias": None, "eps": eps, **dict(zip(names, args, strict=False)), **kwargs}
+        x = bound["input"]
+        if not _needs_grad(x):
+            return func(*args, **kwargs)
+        if self.rules == "chefer":
+            return self._identity(func, args, kwargs)
+        rms = "bias" not in names
+        return _NormRule.apply(self, x, bound["normalized_shape"], bound["weight"], bound["bias"], bound["eps"], rms)
+
+    def _linear(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        bound = {"bias": None, **dict(zip(("input", "weight", "bias"), args, strict=False)), **kwargs}
+        if not _needs_grad(bound["input"]):
+            return func(*args, **kwargs)
+        return _LinearAlpha1Beta0.apply(self, bound["input"], bound["weight"], bound["bias"])
+
+    def _add(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if (
+            len(args) == 2 and not kwargs and _needs_grad(args[0]) and _needs_grad(args[1])
+            and args[0].shape == args[1].shape
+        ):  # fmt: skip
+            return _NormalizedAdd.apply(self, args[0], args[1])
+        return func(*args, **kwargs)
+
+    def _softmax(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rules == "chefer" and x.requires_grad:
+            return _IdentityRule.apply(self, lambda t: t.softmax(dim=-1), x)
+        return x.softmax(dim=-1)
+
+    def _sdpa(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        bound = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+        bound.update(zip(names, args, strict=False))
+        bound.update(kwargs)
+        q, k, v = bound.pop("query"), bound.pop("key"), bound.pop("value")
+        q_dep, k_dep, v_dep = _needs_grad(q), _needs_grad(k), _needs_grad(v)
+        if not (q_dep or k_dep or v_dep):
+            return func(*args, **kwargs)
+        score_factor = 0.5 if q_dep and k_dep else 1.0  # q @ k^T: uniform rule when both depend on the input
+        out_factor = 0.5 if (q_dep or k_dep) and v_dep else 1.0  # A @ v likewise
+        if self.rules == "attnlrp":  # softmax has its plain gradient: scaling q, k and v is the whole rule
+            q = self._scale(q, score_factor * out_factor, copy=False)
+            k = self._scale(k, score_factor * out_factor, copy=False)
+            return func(q, k, self._scale(v, out_factor, copy=False), **bound)
+        return self._explicit_attention(q, k, v, **bound)
+
+    def _explicit_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+    ) -> torch.Tensor:
+        """``F.scaled_dot_product_attention`` as explicit ops with the rules (``[.., Lq, D] -> [.., Lq, Dv]``)."""
+        if enable_gqa and k.shape[-3] != q.shape[-3]:
+            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+            v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        scores = self._product(torch.matmul, (q * scale, k.transpose(-2, -1)), {})  # .., Lq, Lk
+        if is_causal:
+            causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+            scores = scores.masked_fill(~causal, -math.inf)
+        if attn_mask is not None:  # a constant: True = attend, or added to the scores
+            boolean = attn_mask.dtype == torch.bool
+            scores = scores.masked_fill(~attn_mask, -math.inf) if boolean else scores + attn_mask
+        attn = self._softmax(scores)
+        if dropout_p > 0.0:
+            attn = F.dropout(attn, p=dropout_p)
+        return self._product(torch.matmul, (attn, v), {})
+
+
+def embedding_module(model: nn.Module) -> nn.Module:
+    """Return ``model.patch_embed``, whose output (the token embeddings) is where relevance is read; raises
+    :class:`~vision_attn.explain.NotApplicableError` for a model without one (a CNN)."""
+    patch_embed = getattr(model, "patch_embed", None)
+    if not isinstance(patch_embed, nn.Module):
+        raise NotApplicableError(
+            f"model {type(model).__name__} has no patch_embed module: relevance is read at the token embeddings (the "
+            "output of patch_embed), which ViT-family models have; use a Grad-CAM method for a CNN"
+        )
+    return patch_embed
+
+
+def lrp_forward(model: nn.Module, images: torch.Tensor, rules: LRPRules) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``model(images)`` once under ``rules``; return ``(output, embeddings)``.
+
+    ``embeddings`` is the output of ``model.patch_embed`` (``[B, N, D]`` or ``[B, gh, gw, D]``), swapped by a
+    temporary forward hook for a detached leaf that requires grad, so the graph starts there and
+    ``embeddings * torch.autograd.grad(score, embeddings)[0]`` is the relevance of each token embedding. The model
+    runs with its parameters detached (``torch.func.functional_call``), so input-dependent tensors are exactly those
+    that require grad. The hook is removed and the parameters are back in place when this returns (also on error).
+    Raises :class:`~vision_attn.explain.NotApplicableError` for a model without a ``patch_embed`` that runs once and
+    returns a tensor.
+    """
+    name = type(model).__name__
+    patch_embed = embedding_module(model)
+    captured: list[torch.Tensor] = []
+
+    def leaf(module: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor:
+        if not isinstance(output, torch.Tensor):
+            raise NotApplicableError(
+                f"model {name}'s patch_embed returned {type(output).__name__}; relevance needs one tensor of token "
+                "embeddings"
+            )
+        captured.append(output.detach().requires_grad_(True))
+        return captured[-1]
+
+    handle = patch_embed.register_forward_hook(leaf)
+    parameters = {key: value.detach() for key, value in model.named_parameters()}
+    try:
+        with torch.enable_grad(), rules:
+            output = torch.func.functional_call(model, parameters, (images,))
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise NotApplicableError(
+            f"model {name}'s patch_embed ran {len(captured)} times in one forward pass; relevance needs exactly 1"
+        )
+    return output, captured[0]
