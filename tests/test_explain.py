@@ -10,12 +10,12 @@ from torch import nn
 import vision_attn
 from vision_attn.explain import (
     HEAD_FUSIONS,
-    list_methods,
     AttentionRecorder,
     attention_gradients,
     attention_rollout,
     explain,
     gradient_rollout,
+    list_methods,
 )
 from vision_attn.layers.attention_tap import AttentionTap
 

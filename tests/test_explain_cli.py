@@ -92,7 +92,8 @@ def test_load_dataset_images_per_channel_stats_boxes_and_masks() -> None:
     assert names == native_names == ["test_0000", "test_0001"]
     assert labels.shape == (2,)
     torch.testing.assert_close(prepared.boxes, native.boxes / 2)  # 64 -> 32 px: the boxes shrink with the image
-    assert prepared.masks.shape == (2, 32, 32) and native.masks.shape == (2, 64, 64)
+    assert prepared.masks.shape == (2, 32, 32)
+    assert native.masks.shape == (2, 64, 64)
     assert prepared.masks.float().mean() == pytest.approx(native.masks.float().mean(), abs=0.02)
     unnormalized = prepared.images * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
     torch.testing.assert_close(unnormalized[:, 0], unnormalized[:, 2], atol=1e-5, rtol=0)  # grey repeated

@@ -14,8 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from train_helpers import TinyNet, fit_args
 
 from vision_attn.cli import main as cli_main
-from vision_attn.training import ImageClassifier
-from vision_attn.training import rng
+from vision_attn.training import ImageClassifier, rng
 from vision_attn.training.cli import main
 
 QUIET = ("--trainer.logger=false", "--overlays.every_n_epochs=0", "--test_after_fit=false")

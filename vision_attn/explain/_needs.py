@@ -14,6 +14,14 @@ def unmet_need(need: str, model: nn.Module, method: str) -> str:
     """Why ``model`` lacks ``need`` of ``method`` (``''`` when it has it, as far as can be told without running it)."""
     if need == "token_attention":
         return token_attention_problem(model)
+    if need == "token_embeddings":
+        patch_embed = getattr(model, "patch_embed", None)
+        if not isinstance(patch_embed, nn.Module):
+            return (
+                f"model {type(model).__name__} has no patch_embed module: {method!r} reads relevance at the token "
+                "embeddings (the output of patch_embed), which ViT-family models have; use a Grad-CAM method for a CNN"
+            )
+        return ""
     if need == "spatial_attention":
         recorder = AttentionRecorder(model)
         kinds = {kind for name, kind in recorder.kinds.items() if name not in recorder.token_names}

@@ -35,6 +35,7 @@ MethodFn = Callable[..., torch.Tensor]
 # what a method may need of a model; each is checked before the method runs
 NEEDS = {
     "token_attention": "a ViT-style model: token attention the recorder captures, read at the tokens its head pools",
+    "token_embeddings": "token embeddings on a grid: a patch_embed module, where relevance is read",
     "class_target": "a classifier head (num_classes > 0): the method explains one class logit",
     "feature_layer": "a layer with a spatial feature map, or tokens on a known grid (Grad-CAM's target layer)",
     "spatial_attention": "attention CNN modules that compute spatial maps (gates, or attention over positions)",

@@ -24,13 +24,12 @@ from vision_attn.explain._common import (
     require_classes,
     resolve_targets,
     to_model_inputs,
-    token_layout,
-    token_pool,
     unwrap_model,
 )
 from vision_attn.explain.capture import AttentionRecorder
 from vision_attn.explain.lrp import LINEAR_RULES, LRPRules, embedding_module, lrp_forward, safe_divide
 from vision_attn.explain.rollout import gradient_rollout, token_pool_weights
+from vision_attn.explain.tokens import token_layout, token_pool
 
 __all__ = ["attnlrp", "transformer_attribution"]
 
