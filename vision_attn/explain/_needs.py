@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from vision_attn.explain._common import NotApplicableError
 from vision_attn.explain.capture import AttentionRecorder
 from vision_attn.explain.tokens import token_attention_problem
 
@@ -15,12 +16,12 @@ def unmet_need(need: str, model: nn.Module, method: str) -> str:
     if need == "token_attention":
         return token_attention_problem(model)
     if need == "token_embeddings":
-        patch_embed = getattr(model, "patch_embed", None)
-        if not isinstance(patch_embed, nn.Module):
-            return (
-                f"model {type(model).__name__} has no patch_embed module: {method!r} reads relevance at the token "
-                "embeddings (the output of patch_embed), which ViT-family models have; use a Grad-CAM method for a CNN"
-            )
+        from vision_attn.explain.lrp import embedding_module
+
+        try:
+            embedding_module(model)
+        except NotApplicableError as err:
+            return f"{err} ({method!r} reads relevance there)"
         return ""
     if need == "spatial_attention":
         recorder = AttentionRecorder(model)

@@ -2,36 +2,119 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from vision_attn.layers.attention_tap import HookPoint, attention_hook_points
 
 __all__ = ["AttentionRecorder"]
 
+_SOFTMAXES = frozenset({torch.softmax, F.softmax, torch.Tensor.softmax, torch.special.softmax})
+_SDPA = F.scaled_dot_product_attention
+
+
+def _softmax_dim(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    return dim if isinstance(dim, int) else None
+
+
+def explicit_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F.scaled_dot_product_attention`` as explicit ops: ``(output [.., Lq, Dv], probabilities [.., Lq, Lk])``."""
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(q * scale, k.transpose(-2, -1))
+    if is_causal:
+        causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~causal, -math.inf)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else scores + attn_mask
+    probs = torch.softmax(scores, dim=-1)
+    attn = F.dropout(probs, p=dropout_p) if dropout_p > 0.0 else probs
+    return torch.matmul(attn, v), probs
+
+
+class _ProbabilityCapture(TorchFunctionMode):
+    """While a token-attention module runs, hand its attention probabilities to the recorder: the output of a softmax
+    over the last dimension, or, for ``F.scaled_dot_product_attention``, the probabilities of the same computation
+    done as explicit ops (whose output is returned, so gradients reach the probabilities). Softmaxes and attention
+    calls outside the described modules are counted as unaccounted attention."""
+
+    def __init__(self, recorder: AttentionRecorder) -> None:
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is _SDPA:
+            owner = self.recorder._owner()
+            if owner is None or owner[1] == "skip":
+                if owner is None:
+                    self.recorder._unaccounted("scaled_dot_product_attention", args[0])
+                return func(*args, **kwargs)
+            names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+            bound = dict(zip(names, args, strict=False))
+            bound.update(kwargs)
+            out, probs = explicit_attention(*(bound.pop(n) for n in names[:3]), **bound)
+            self.recorder._capture(owner[0], probs)
+            return out
+        out = func(*args, **kwargs)
+        if func in _SOFTMAXES and isinstance(out, torch.Tensor) and out.ndim >= 3:
+            dim = _softmax_dim(args, kwargs)
+            if dim is not None and dim % out.ndim == out.ndim - 1:
+                owner = self.recorder._owner()
+                if owner is None:
+                    self.recorder._unaccounted("softmax", out)
+                elif owner[1] == "owner":
+                    self.recorder._capture(owner[0], out)
+        return out
+
 
 class AttentionRecorder:
     """Context manager that records every attention / gate map of ``model`` during its forward passes.
 
-    While active, token-attention modules (ours and timm's: a ``fused_attn`` flag and an ``attn_drop``
-    submodule) run their explicit softmax path, and hooks from
-    :func:`~vision_attn.layers.attention_tap.attention_hook_points` record:
+    Token-attention modules are ours and timm's (a ``fused_attn`` flag and an ``attn_drop`` submodule) plus any
+    ``owners`` a family adapter names (class attention, talking heads, window attention without a dropout module,
+    attention-pool heads). While active, their ``fused_attn`` flags are off, and their probabilities are recorded from
+    outside: the output of their softmax over the keys, or, where a module calls ``F.scaled_dot_product_attention``
+    anyway, the probabilities of that same computation done as explicit ops (a ``TorchFunctionMode``). Modules in
+    ``skip`` compute attention that is deliberately not recorded (XCiT's attention over channels). The records:
 
-    * :attr:`attentions`: the post-softmax token attention ``[B, heads, N, N]`` of every attention block, in
-      forward (= block) order;
+    * :attr:`attentions`: the post-softmax token attention of every token-attention call, in forward order (``[B,
+      heads, N, N]`` for a ViT; the module's own layout for windows, e.g. ``[B * windows, heads, w², w²]``);
     * :attr:`maps`: every recorded map by hook-point name (token attention and the CNN ``AttentionTap`` maps:
       ``attention`` ``[B, heads, Nq, Nk]``, ``spatial`` ``[B, 1|C, H, W]``, ``channel`` ``[B, C, 1, 1]``),
-      with its kind in :attr:`kinds`; :attr:`token_names` names the token-attention hook points;
-    * :attr:`pool_weights`: the token-pooling weights ``[B, N]`` of a sequence-pooling head (CCT), if any.
+      with its kind in :attr:`kinds`; :attr:`token_names` names the token-attention modules;
+    * :attr:`pool_weights`: the token-pooling weights ``[B, N]`` of a sequence-pooling head (CCT), if any;
+    * :attr:`events`: token attention and what ``observe``\\ d modules reported, in forward order (for adapters);
+    * :attr:`unaccounted`: softmaxes over the last dimension and attention calls outside the token-attention and
+      ``skip`` modules, as ``(module name, op, shape)``.
 
     The records are those of the latest ``model(...)`` call (they are cleared when it starts). On exit every
     ``fused_attn`` flag is restored and every hook removed, also when an exception is raised; the records stay
     readable. ``detach=True`` stores detached tensors; ``detach=False`` keeps them in the autograd graph, so
-    ``torch.autograd.grad(score, recorder.attentions)`` gives attention gradients.
+    ``torch.autograd.grad(score, recorder.attentions)`` gives attention gradients. ``on_attention(name, probs)``, if
+    given, returns what is stored for each token-attention call instead (e.g. a head-fused map).
 
     Example::
 
@@ -40,22 +123,47 @@ class AttentionRecorder:
         attentions = rec.attentions  # list of [B, heads, N, N]
     """
 
-    def __init__(self, model: nn.Module, detach: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        detach: bool = True,
+        owners: Mapping[str, nn.Module] | None = None,
+        skip: Mapping[str, nn.Module] | None = None,
+        on_attention: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.detach = detach
-        self.hook_points: list[HookPoint] = list(attention_hook_points(model))
+        self.on_attention = on_attention
+        skip = dict(skip or {})
+        self.hook_points: list[HookPoint] = [
+            p for p in attention_hook_points(model) if not (p.use_input and p.name in skip)
+        ]
+        owner_modules = {p.name: p.owner for p in self.hook_points if p.use_input and hasattr(p.owner, "fused_attn")}
+        for name, module in (owners or {}).items():
+            if name not in skip:
+                owner_modules[name] = module
+        self._owner_modules = owner_modules
+        self._skip_modules = skip
+        self.token_names = frozenset(owner_modules)
+        self.kinds: dict[str, str] = {p.name: p.kind for p in self.hook_points}
+        self.kinds.update(dict.fromkeys(owner_modules, "attention"))
         self._records: list[tuple[str, torch.Tensor]] = []
+        self.events: list[tuple[str, str, Any]] = []
+        self.unaccounted: list[tuple[str, str, tuple[int, ...]]] = []
+        self._observers: list[tuple[str, nn.Module, Callable[..., Any], bool]] = []
         self._handles: list[RemovableHandle] = []
         self._saved_flags: list[tuple[nn.Module, Any]] = []
-        self.token_names = frozenset(p.name for p in self.hook_points if p.use_input and hasattr(p.owner, "fused_attn"))
-        self.kinds: dict[str, str] = {p.name: p.kind for p in self.hook_points}
+        self._stack: list[tuple[str, str | None]] = []
+        self._roles: dict[int, tuple[str, str]] = {}
+        self._names: dict[int, str] = {}
+        self._mode: _ProbabilityCapture | None = None
         self._active = False
 
     @property
     def attentions(self) -> list[torch.Tensor]:
-        """Token attention probabilities ``[B, heads, N, N]``, one per attention call, in forward order."""
+        """Token attention probabilities, one per attention call, in forward order (``[B, heads, N, N]`` for a ViT)."""
         return [t for name, t in self._records if name in self.token_names]
 
     @property
@@ -74,25 +182,70 @@ class AttentionRecorder:
         """Whether ``model`` has token-attention modules (ViT-style) that :attr:`attentions` can record."""
         return bool(self.token_names)
 
+    def observe(self, module: nn.Module, fn: Callable[..., Any], pre: bool = False, name: str = "") -> None:
+        """Call ``fn(module, args, output)`` (``output`` is ``None`` with ``pre=True``) on each call of ``module``
+        while active and append ``('context', name, result)`` to :attr:`events` (``None`` results are dropped)."""
+        if self._active:
+            raise RuntimeError("observe() must be called before the recorder is entered")
+        self._observers.append((name, module, fn, pre))
+
     def clear(self) -> None:
         """Drop all records."""
         self._records = []
+        self.events = []
+        self.unaccounted = []
 
     def _store(self, name: str, tensor: torch.Tensor) -> None:
         self._records.append((name, tensor.detach() if self.detach else tensor))
 
-    def _make_hook(self, point: HookPoint) -> Any:
-        if point.use_input:
+    def _capture(self, name: str, probs: torch.Tensor) -> None:
+        stored = probs if self.on_attention is None else self.on_attention(name, probs)
+        stored = stored.detach() if self.detach and isinstance(stored, torch.Tensor) else stored
+        self._records.append((name, stored))
+        self.events.append(("attention", name, stored))
 
-            def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-                self._store(point.name, args[0])
+    def _owner(self) -> tuple[str, str] | None:
+        """``(name, 'owner'|'skip')`` of the innermost running token-attention or skipped module, else ``None``."""
+        for name, role in reversed(self._stack):
+            if role is not None:
+                return name, role
+        return None
 
-            return point.module.register_forward_pre_hook(pre_hook)
+    def _unaccounted(self, op: str, tensor: torch.Tensor) -> None:
+        where = next((name for name, _ in reversed(self._stack)), "")
+        self.unaccounted.append((where, op, tuple(tensor.shape)))
 
+    def _make_hook(self, point: HookPoint) -> RemovableHandle:
         def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
             self._store(point.name, output)
 
         return point.module.register_forward_hook(hook)
+
+    def _install_stack(self) -> None:
+        roles = {id(m): (n, "owner") for n, m in self._owner_modules.items()}
+        roles.update({id(m): (n, "skip") for n, m in self._skip_modules.items()})
+        for name, module in self.model.named_modules():
+            role = roles.get(id(module), (name, None))[1]
+
+            def push(module: nn.Module, args: tuple[Any, ...], name: str = name, role: str | None = role) -> None:
+                self._stack.append((name, role))
+
+            def pop(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+                if self._stack:
+                    self._stack.pop()
+
+            self._handles.append(module.register_forward_pre_hook(push))
+            self._handles.append(module.register_forward_hook(pop, always_call=True))
+
+    def _install_observer(self, name: str, module: nn.Module, fn: Callable[..., Any], pre: bool) -> None:
+        def report(result: Any) -> None:
+            if result is not None:
+                self.events.append(("context", name, result))
+
+        if pre:
+            self._handles.append(module.register_forward_pre_hook(lambda m, args: report(fn(m, args, None))))
+        else:
+            self._handles.append(module.register_forward_hook(lambda m, args, out: report(fn(m, args, out))))
 
     def __enter__(self) -> AttentionRecorder:
         if self._active:
@@ -100,12 +253,19 @@ class AttentionRecorder:
         self._active = True
         self.clear()
         try:
+            for module in self._owner_modules.values():
+                if hasattr(module, "fused_attn"):
+                    self._saved_flags.append((module, module.fused_attn))
+                    module.fused_attn = False
             for point in self.hook_points:
-                if point.name in self.token_names:
-                    self._saved_flags.append((point.owner, point.owner.fused_attn))
-                    point.owner.fused_attn = False
-                self._handles.append(self._make_hook(point))
+                if not point.use_input:
+                    self._handles.append(self._make_hook(point))
             self._handles.append(self.model.register_forward_pre_hook(lambda module, args: self.clear()))
+            self._install_stack()
+            for name, module, fn, pre in self._observers:
+                self._install_observer(name, module, fn, pre)
+            self._mode = _ProbabilityCapture(self)
+            self._mode.__enter__()
         except BaseException:
             self._restore()
             raise
@@ -120,9 +280,12 @@ class AttentionRecorder:
         self._restore()
 
     def _restore(self) -> None:
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self._mode = None
         for handle in self._handles:
             handle.remove()
         for owner, flag in reversed(self._saved_flags):
             owner.fused_attn = flag
-        self._handles, self._saved_flags = [], []
+        self._handles, self._saved_flags, self._stack = [], [], []
         self._active = False

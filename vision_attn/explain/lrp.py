@@ -34,6 +34,7 @@ graph serves both a plain and an LRP backward pass (Transformer Attribution need
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -401,23 +402,32 @@ class LRPRules(TorchFunctionMode):
 
 
 def embedding_module(model: nn.Module) -> nn.Module:
-    """Return ``model.patch_embed``, whose output (the token embeddings) is where relevance is read; raises
+    """Return the module whose output holds ``model``'s token embeddings, where relevance is read: what the model's
+    family adapter names (``patch_embed`` for ViTs and Swin, the stem of MaxViT and DaViT); raises
     :class:`~vision_attn.explain.NotApplicableError` for a model without one (a CNN)."""
-    patch_embed = getattr(model, "patch_embed", None)
-    if not isinstance(patch_embed, nn.Module):
+    from vision_attn.explain.families import find_adapter
+
+    adapter = find_adapter(model)
+    module = adapter.embedding(model) if adapter is not None else getattr(model, "patch_embed", None)
+    if not isinstance(module, nn.Module):
+        where = f" ({adapter.family} models name none)" if adapter is not None else ""
         raise NotApplicableError(
-            f"model {type(model).__name__} has no patch_embed module: relevance is read at the token embeddings (the "
-            "output of patch_embed), which ViT-family models have; use a Grad-CAM method for a CNN"
+            f"model {type(model).__name__} has no patch_embed module{where}: relevance is read at the token embeddings "
+            "(the output of patch_embed), which transformers have; use a Grad-CAM method for a CNN"
         )
-    return patch_embed
+    return module
 
 
-def lrp_forward(model: nn.Module, images: torch.Tensor, rules: LRPRules) -> tuple[torch.Tensor, torch.Tensor]:
+def lrp_forward(
+    model: nn.Module, images: torch.Tensor, rules: LRPRules, inner: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``model(images)`` once under ``rules``; return ``(output, embeddings)``.
 
     ``embeddings`` is the output of ``model.patch_embed`` (``[B, N, D]`` or ``[B, gh, gw, D]``), swapped by a
     temporary forward hook for a detached leaf that requires grad, so the graph starts there and
-    ``embeddings * torch.autograd.grad(score, embeddings)[0]`` is the relevance of each token embedding. The model
+    ``embeddings * torch.autograd.grad(score, embeddings)[0]`` is the relevance of each token embedding. ``inner``: a
+    context entered inside ``rules`` (an :class:`~vision_attn.explain.AttentionRecorder`, which then sees the
+    attention as the rules compute it). The model
     runs with its parameters detached (``torch.func.functional_call``), so input-dependent tensors are exactly those
     that require grad. The hook is removed and the parameters are back in place when this returns (also on error).
     Raises :class:`~vision_attn.explain.NotApplicableError` for a model without a ``patch_embed`` that runs once and
@@ -427,19 +437,20 @@ def lrp_forward(model: nn.Module, images: torch.Tensor, rules: LRPRules) -> tupl
     patch_embed = embedding_module(model)
     captured: list[torch.Tensor] = []
 
-    def leaf(module: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor:
-        if not isinstance(output, torch.Tensor):
+    def leaf(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        tensor = output[0] if isinstance(output, tuple) and output else output  # (tokens, grid size) in some families
+        if not isinstance(tensor, torch.Tensor):
             raise NotApplicableError(
                 f"model {name}'s patch_embed returned {type(output).__name__}; relevance needs one tensor of token "
                 "embeddings"
             )
-        captured.append(output.detach().requires_grad_(True))
-        return captured[-1]
+        captured.append(tensor.detach().requires_grad_(True))
+        return (captured[-1], *output[1:]) if isinstance(output, tuple) else captured[-1]
 
     handle = patch_embed.register_forward_hook(leaf)
     parameters = {key: value.detach() for key, value in model.named_parameters()}
     try:
-        with torch.enable_grad(), rules:
+        with torch.enable_grad(), rules, (inner if inner is not None else contextlib.nullcontext()):
             output = torch.func.functional_call(model, parameters, (images,))
     finally:
         handle.remove()

@@ -11,6 +11,7 @@ behind, fused attention and train/eval flags as they were, no ``.grad`` written.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -27,32 +28,66 @@ from vision_attn.explain._common import (
     unwrap_model,
 )
 from vision_attn.explain.capture import AttentionRecorder
+from vision_attn.explain.families import find_adapter
+from vision_attn.explain.families.base import Capture, canonical
+from vision_attn.explain.flow import flow_gradient_rollout
 from vision_attn.explain.lrp import LINEAR_RULES, LRPRules, embedding_module, lrp_forward, safe_divide
-from vision_attn.explain.rollout import gradient_rollout, token_pool_weights
-from vision_attn.explain.tokens import token_layout, token_pool
+from vision_attn.explain.tokens import _refusal, token_attention_problem, token_layout
 
 __all__ = ["attnlrp", "transformer_attribution"]
 
 Targets = int | Sequence[int] | torch.Tensor | None
 
 
-def _prepare(
-    model: nn.Module, images: torch.Tensor, method: str
-) -> tuple[nn.Module, torch.Tensor, int, tuple[int, int]]:
-    """``(model, inputs, num_prefix_tokens, (gh, gw))``: the unwrapped model, the checked images on its device."""
+def _prepare(model: nn.Module, images: torch.Tensor, method: str) -> tuple[nn.Module, torch.Tensor]:
+    """``(model, inputs)``: the unwrapped model, the checked images on its device."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = unwrap_model(model)
     embedding_module(model)
     check_model_images(model, images)
     require_classes(model, method)
-    num_prefix, grid = token_layout(model, (images.shape[-2], images.shape[-1]))
+    return model, to_model_inputs(model, images)
+
+
+def _token_grid(model: nn.Module, module: nn.Module, image_size: tuple[int, int], count: int) -> tuple[int, int]:
+    """The grid of ``count`` embedding tokens ``[B, N, D]``: the model's patch grid, the embedding module's, or a
+    square."""
+    _, grid = token_layout(model, image_size)
     if grid is None:
+        size = getattr(module, "grid_size", None)
+        if hasattr(module, "dynamic_feat_size"):
+            size = module.dynamic_feat_size(image_size)
+        grid = tuple(int(v) for v in size) if size is not None else None
+    if grid is None:
+        side = math.isqrt(count)
+        grid = (side, side) if side * side == count else None
+    if grid is None or grid[0] * grid[1] != count:
         raise NotApplicableError(
-            f"model {type(model).__name__} declares no token grid (patch_embed.grid_size or dynamic_feat_size); "
-            f"{method!r} maps token relevance onto it"
+            f"model {type(model).__name__}'s token embeddings hold {count} tokens, which fit its grid {grid} of "
+            f"{image_size[0]}x{image_size[1]} images nowhere"
         )
-    return model, to_model_inputs(model, images), num_prefix, grid
+    return grid
+
+
+def _embedding_map(
+    model: nn.Module, embeddings: torch.Tensor, grad: torch.Tensor, image_size: tuple[int, int]
+) -> torch.Tensor:
+    """Relevance ``embeddings ⊙ grad`` summed over channels, as a map ``[B, gh, gw]``: tokens ``[B, N, D]`` on the
+    patch grid, ``[B, gh, gw, D]`` (NHWC, a patch embedding whose ``output_fmt`` says so) or ``[B, D, gh, gw]``."""
+    relevance = (embeddings * grad).detach().float()
+    module = embedding_module(model)
+    if relevance.ndim == 4:
+        fmt = getattr(module, "output_fmt", None)
+        nhwc = getattr(fmt, "value", fmt) == "NHWC"
+        return relevance.sum(dim=-1) if nhwc else relevance.sum(dim=1)
+    if relevance.ndim == 3:
+        per_token = relevance.sum(dim=-1)  # B, N
+        return per_token.reshape(-1, *_token_grid(model, module, image_size, per_token.shape[1]))
+    raise NotApplicableError(
+        f"model {type(model).__name__}'s token embeddings have shape {tuple(embeddings.shape)}; relevance maps need "
+        "[B, N, D] tokens or a [B, D, h, w] / [B, h, w, D] feature map"
+    )
 
 
 def _scores(logits: torch.Tensor, model: nn.Module, targets: Targets) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,18 +120,12 @@ def attnlrp(model: nn.Module, images: torch.Tensor, targets: Targets = None) -> 
     :class:`~vision_attn.explain.NotApplicableError` for models without token embeddings (CNNs) or without a
     classifier.
     """
-    model, inputs, _, (gh, gw) = _prepare(model, images, "attnlrp")
+    model, inputs = _prepare(model, images, "attnlrp")
     with eval_mode(model, caller="attnlrp"):
         logits, embeddings = lrp_forward(model, inputs, LRPRules("attnlrp"))
     one_hot, _ = _scores(logits, model, targets)
     (grad,) = torch.autograd.grad(logits, embeddings, grad_outputs=one_hot)
-    relevance = (embeddings * grad).detach().float()
-    per_token = relevance.sum(dim=-1).reshape(relevance.shape[0], -1)  # B, N (embeddings [B, N, D] or [B, gh, gw, D])
-    if per_token.shape[1] != gh * gw:
-        raise NotApplicableError(
-            f"model {type(model).__name__}'s patch_embed gives {per_token.shape[1]} tokens for a {gh}x{gw} grid"
-        )
-    return per_token.reshape(-1, gh, gw).to(images.device)
+    return _embedding_map(model, embeddings, grad, (images.shape[-2], images.shape[-1])).to(images.device)
 
 
 def transformer_attribution(
@@ -131,38 +160,54 @@ def transformer_attribution(
     """
     if linear_rule not in LINEAR_RULES:
         raise ValueError(f"linear_rule {linear_rule!r} is unknown; expected one of {LINEAR_RULES}")
-    model, inputs, num_prefix, grid = _prepare(model, images, "transformer_attribution")
-    pool = token_pool(model)
+    model, inputs = _prepare(model, images, "transformer_attribution")
+    adapter = find_adapter(model)
+    problem = token_attention_problem(model)
+    if adapter is None or problem:
+        raise NotApplicableError(problem)
+    pools = adapter.pools(model)
+    probs: list[tuple[str, torch.Tensor]] = []
+
+    def collect(owner: str, attention: torch.Tensor) -> int:
+        probs.append((owner, attention))
+        return len(probs) - 1
+
     rules = LRPRules("chefer", linear_rule=linear_rule)
-    with eval_mode(model, caller="transformer_attribution"), AttentionRecorder(model, detach=False) as recorder:
-        logits, _ = lrp_forward(model, inputs, rules)
-    attentions = recorder.attentions
+    recorder = AttentionRecorder(
+        model, detach=False, owners=adapter.owners(model),
+        skip={n: m for n, (m, _) in adapter.skipped(model).items()}, on_attention=collect,
+    )  # fmt: skip
+    adapter.observe(model, recorder)
+    with eval_mode(model, caller="transformer_attribution"):
+        logits, _ = lrp_forward(model, inputs, rules, inner=recorder)
     name = type(model).__name__
-    if not attentions:
-        raise NotApplicableError(f"model {name} has no token-attention modules; transformer_attribution needs a ViT")
-    if any(a.shape[0] != inputs.shape[0] or a.shape[-1] != attentions[0].shape[-1] for a in attentions):
-        shapes = sorted({tuple(a.shape) for a in attentions})
-        raise NotApplicableError(
-            f"model {name} has attention maps of shapes {shapes} for {inputs.shape[0]} images: windowed or pooled "
-            "attention (e.g. Swin) has no global [B, heads, N, N] map for transformer_attribution; use attnlrp"
-        )
-    if (
-        not isinstance(start_layer, int)
-        or isinstance(start_layer, bool)
-        or not -len(attentions) <= start_layer < len(attentions)
-    ):
-        raise ValueError(f"start_layer {start_layer!r} is out of range for {len(attentions)} attention layers")
-    attentions = attentions[start_layer:]
+    if recorder.unaccounted:
+        raise NotApplicableError(_refusal(model, adapter, recorder.unaccounted))
     one_hot, _ = _scores(logits, model, targets)
+    layers = [i for i, (owner, _) in enumerate(probs) if owner not in pools]
+    if not layers:
+        raise NotApplicableError(f"model {name} has no token-attention modules; transformer_attribution needs one")
+    tensors = [p for _, p in probs]
     rules.propagate = False
-    gradients = torch.autograd.grad(logits, attentions, grad_outputs=one_hot, retain_graph=True)
+    gradients = torch.autograd.grad(logits, tensors, grad_outputs=one_hot, retain_graph=True, allow_unused=True)
     rules.propagate = True
-    modified = torch.autograd.grad(logits, attentions, grad_outputs=safe_divide(one_hot, logits.detach()))
-    relevances = [(a * g).detach() for a, g in zip(attentions, modified, strict=True)]  # R_A = A ⊙ g_A
-    sequence = recorder.pool_weights
-    weights = token_pool_weights(
-        pool, attentions[0].shape[-1], num_prefix, None if sequence is None else sequence.detach()
+    modified = torch.autograd.grad(
+        logits, tensors, grad_outputs=safe_divide(one_hot, logits.detach()), allow_unused=True
     )
-    # gradient_rollout computes R += mean_h(relu(grad ⊙ X)) @ R; with X = R_A it is Chefer's rollout
-    raw = gradient_rollout(relevances, [g.detach() for g in gradients], num_prefix, grid, pool_weights=weights)
-    return raw.float().to(images.device)
+    batch = inputs.shape[0]
+    weights = []
+    for (owner, attention), grad, lrp_grad in zip(probs, gradients, modified, strict=True):
+        layout = adapter.layout(owner)
+        attention = canonical(layout, attention.detach(), batch)
+        if owner in pools:  # the readout: the pool's own attention
+            weights.append(attention.mean(dim=1))
+            continue
+        if grad is None or lrp_grad is None:
+            raise NotApplicableError(f"model {name}: the target logit does not depend on attention {owner}")
+        relevance = attention * canonical(layout, lrp_grad.detach(), batch)  # R_A = A ⊙ g_A
+        weights.append((canonical(layout, grad.detach(), batch) * relevance).clamp(min=0).mean(dim=1))
+    capture = Capture(batch, (images.shape[-2], images.shape[-1]), pool_weights=recorder.pool_weights)
+    if capture.pool_weights is not None:
+        capture.pool_weights = capture.pool_weights.detach()
+    flow = adapter.describe(model, list(recorder.events), weights, capture)
+    return flow_gradient_rollout(flow, start_layer).float().to(images.device)

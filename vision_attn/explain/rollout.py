@@ -1,4 +1,8 @@
-"""Attention rollout and gradient-weighted rollout: pure, batched ``list[[B, H, N, N]] -> [B, gh, gw]``."""
+"""Attention rollout and gradient-weighted rollout: pure, batched ``list[[B, H, N, N]] -> [B, gh, gw]``.
+
+The layers are the global attention layers of a :class:`~vision_attn.explain.flow.TokenFlow`; the readout row is
+propagated from the top (``r · Â_L ⋯ Â_1``), so no ``N x N`` matrix product is ever formed.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,15 @@ from collections.abc import Sequence
 from numbers import Integral
 
 import torch
+
+from vision_attn.explain.flow import (
+    TokenFlow,
+    TokenGrid,
+    attention_mix,
+    flow_attention,
+    flow_gradient_rollout,
+    flow_rollout,
+)
 
 __all__ = [
     "HEAD_FUSIONS",
@@ -131,14 +144,22 @@ def token_pool_weights(
     return weights
 
 
-def _read_rows(relevance: torch.Tensor, num_prefix_tokens: int, pool_weights: torch.Tensor | None) -> torch.Tensor:
-    """Combine the rows of ``[B, N, N]`` into ``[B, N]``: ``pool_weights`` ``[N]``/``[B, N]`` or the default."""
-    batch, num_tokens = relevance.shape[0], relevance.shape[-1]
+def _readout(
+    batch: int, num_tokens: int, num_prefix_tokens: int, pool_weights: torch.Tensor | None, dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """The rows ``[B, N]`` the head reads: ``pool_weights`` ``[N]``/``[B, N]``, or by default row 0 when
+    ``num_prefix_tokens > 0``, else the mean of all rows."""
     if pool_weights is None:
-        return relevance[:, 0] if num_prefix_tokens > 0 else relevance.mean(dim=1)
+        weights = torch.zeros(num_tokens, dtype=dtype, device=device)
+        if num_prefix_tokens > 0:
+            weights[0] = 1.0
+        else:
+            weights[:] = 1.0 / num_tokens
+        return weights.expand(batch, -1)
     if not isinstance(pool_weights, torch.Tensor):
         raise TypeError(f"pool_weights must be a tensor [N] or [B, N], got {type(pool_weights).__name__}")
-    weights = pool_weights.to(device=relevance.device, dtype=relevance.dtype)
+    weights = pool_weights.to(device=device, dtype=dtype)
     weights = weights[None] if weights.ndim == 1 else weights
     if weights.ndim != 2 or weights.shape[1] != num_tokens or weights.shape[0] not in (1, batch):
         raise ValueError(
@@ -146,7 +167,36 @@ def _read_rows(relevance: torch.Tensor, num_prefix_tokens: int, pool_weights: to
         )
     if not torch.isfinite(weights).all():
         raise ValueError("pool_weights hold NaN or Inf values")
-    return (weights.expand(batch, -1)[:, None] @ relevance)[:, 0]  # B, 1, N @ B, N, N -> B, N
+    return weights.expand(batch, -1)
+
+
+def _read_rows(relevance: torch.Tensor, num_prefix_tokens: int, pool_weights: torch.Tensor | None) -> torch.Tensor:
+    """Combine the rows of ``[B, N, N]`` into ``[B, N]``: ``pool_weights`` ``[N]``/``[B, N]`` or the default."""
+    batch, num_tokens = relevance.shape[0], relevance.shape[-1]
+    weights = _readout(batch, num_tokens, num_prefix_tokens, pool_weights, relevance.dtype, relevance.device)
+    return (weights[:, None] @ relevance)[:, 0]  # B, 1, N @ B, N, N -> B, N
+
+
+def _flow(
+    attentions: Sequence[torch.Tensor],
+    num_prefix_tokens: int,
+    grid_size: int | Sequence[int] | None,
+    pool_weights: torch.Tensor | None,
+    gradients: Sequence[torch.Tensor] | None = None,
+) -> TokenFlow:
+    """Global attention layers ``[B, H, N, N]`` as a :class:`~vision_attn.explain.flow.TokenFlow` (one window each,
+    heads kept; with ``gradients``, ``relu(∇A ⊙ A)`` per head)."""
+    batch, num_tokens = attentions[0].shape[0], attentions[0].shape[-1]
+    tokens = TokenGrid(num_prefix_tokens, _resolve_grid(num_tokens - num_prefix_tokens, grid_size))
+    dtype = torch.promote_types(attentions[0].dtype, torch.float32)
+    mixes = []
+    for i, attn in enumerate(attentions):
+        weights = attn.to(dtype)
+        if gradients is not None:
+            weights = (gradients[i].to(dtype) * weights).clamp(min=0)
+        mixes.append(attention_mix(f"layer {i}", tokens, weights.unsqueeze(2)))  # B, H, 1, N, N
+    readout = _readout(batch, num_tokens, num_prefix_tokens, pool_weights, dtype, attentions[0].device)
+    return TokenFlow(mixes, readout)
 
 
 def tokens_to_grid(
@@ -208,22 +258,8 @@ def attention_rollout(
     _check_prefix(num_prefix_tokens, num_tokens)
     _resolve_grid(num_tokens - num_prefix_tokens, grid_size)  # fail before the work
 
-    first = attentions[0]
-    dtype = torch.promote_types(first.dtype, torch.float32)
-    eye = torch.eye(num_tokens, dtype=dtype, device=first.device)
-    num_discard = int(discard_ratio * (num_tokens - num_prefix_tokens))
-    rollout = eye.expand(batch, num_tokens, num_tokens)
-    for attn in attentions[start_layer:]:
-        fused = fuse_heads(attn.to(dtype), head_fusion)  # B, N, N
-        if num_discard > 0:
-            patches = fused[..., num_prefix_tokens:]
-            lowest = patches.topk(num_discard, dim=-1, largest=False).indices
-            patches = patches.scatter(-1, lowest, 0.0)
-            fused = torch.cat([fused[..., :num_prefix_tokens], patches], dim=-1)
-        fused = 0.5 * fused + 0.5 * eye
-        fused = fused / fused.sum(dim=-1, keepdim=True)
-        rollout = fused @ rollout
-    return tokens_to_grid(rollout, num_prefix_tokens, grid_size, pool_weights)
+    return flow_rollout(_flow(attentions, num_prefix_tokens, grid_size, pool_weights), head_fusion, discard_ratio,
+                        start_layer)  # fmt: skip
 
 
 def gradient_rollout(
@@ -253,12 +289,7 @@ def gradient_rollout(
     _check_prefix(num_prefix_tokens, num_tokens)
     _resolve_grid(num_tokens - num_prefix_tokens, grid_size)
 
-    dtype = torch.promote_types(attentions[0].dtype, torch.float32)
-    rollout = torch.eye(num_tokens, dtype=dtype, device=attentions[0].device).expand(batch, num_tokens, num_tokens)
-    for attn, grad in zip(attentions, gradients, strict=True):
-        weighted = (grad.to(dtype) * attn.to(dtype)).clamp(min=0).mean(dim=1)  # B, N, N
-        rollout = rollout + weighted @ rollout
-    return tokens_to_grid(rollout, num_prefix_tokens, grid_size, pool_weights)
+    return flow_gradient_rollout(_flow(attentions, num_prefix_tokens, grid_size, pool_weights, gradients))
 
 
 def last_layer_attention(
@@ -280,5 +311,5 @@ def last_layer_attention(
         raise ValueError(f"layer {layer!r} is out of range for {len(attentions)} attention layers")
     if head_fusion not in HEAD_FUSIONS:
         raise ValueError(f"head_fusion {head_fusion!r} is unknown; expected one of {HEAD_FUSIONS}")
-    fused = fuse_heads(attentions[layer].to(torch.promote_types(attentions[layer].dtype, torch.float32)), head_fusion)
-    return tokens_to_grid(fused, num_prefix_tokens, grid_size, pool_weights)
+    _check_prefix(num_prefix_tokens, attentions[0].shape[-1])
+    return flow_attention(_flow(attentions, num_prefix_tokens, grid_size, pool_weights), layer, head_fusion)

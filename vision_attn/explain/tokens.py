@@ -1,8 +1,8 @@
-"""What the token methods read of a ViT-style model, described once: its token layout (prefix tokens, patch grid),
-the rows its head pools, and its attention probabilities (with their gradients where a method needs them).
-
-:func:`capture_token_attention` runs the model once and returns a :class:`TokenAttention`; the token methods of
-:mod:`vision_attn.explain.methods` consume it and never look at a model's family themselves.
+"""What the token methods read of a transformer: :func:`capture_token_flow` runs the model once and returns the
+shared description, a :class:`~vision_attn.explain.flow.TokenFlow`, built by the model's family adapter
+(:mod:`vision_attn.explain.families`); the token methods of :mod:`vision_attn.explain.methods` consume it and never
+look at a model's family themselves. :func:`token_layout` and :func:`token_pool` read a ViT's token layout and head;
+:func:`capture_token_attention` gives the per-head attention of plain ViTs, as before.
 """
 
 from __future__ import annotations
@@ -15,13 +15,16 @@ from torch import nn
 
 from vision_attn.explain._common import NotApplicableError, check_logits, resolve_targets
 from vision_attn.explain.capture import AttentionRecorder
-from vision_attn.explain.rollout import check_grid_size, token_pool_weights
+from vision_attn.explain.flow import TokenFlow
+from vision_attn.explain.rollout import check_grid_size
 from vision_attn.layers.pooling import SequencePool
 
 __all__ = [
     "TOKEN_OPTIONS",
     "TokenAttention",
     "capture_token_attention",
+    "capture_token_flow",
+    "declared_prefix",
     "token_attention_problem",
     "token_layout",
     "token_pool",
@@ -80,27 +83,40 @@ def token_layout(
     return int(num_prefix_tokens), grid
 
 
-def token_pool(model: nn.Module) -> str:
-    """Return how ``model``'s head pools its output tokens, as a pool of
-    :func:`~vision_attn.explain.rollout.token_pool_weights`: ``'token'``, ``'distilled'``, ``'avg'``, ``'avg_all'``
-    or ``'seq'``.
+def declared_prefix(model: nn.Module) -> int:
+    """``model.num_prefix_tokens``, else 1 with a ``cls_token`` and 0 without."""
+    prefix = getattr(model, "num_prefix_tokens", None)
+    return int(prefix) if isinstance(prefix, int) else int(getattr(model, "cls_token", None) is not None)
 
-    Reads ``attn_pool`` (our :class:`~vision_attn.layers.SequencePool`: ``'seq'``), ``head_dist`` (timm's distilled
-    DeiT: ``'distilled'``), ``global_pool`` (``'token'``/``'avg'``; ``pool_include_prefix`` gives ``'avg_all'``);
-    a model that declares none of these is read as ``'token'`` with prefix tokens, else ``'avg'``. Raises
-    :class:`NotApplicableError` for pools no row weighting describes (timm's ``'max'``, ``'avgmax'``, attention
-    pooling ``'map'``).
+
+def token_pool(model: nn.Module) -> str:
+    """Return how ``model``'s head pools its output tokens: ``'token'``, ``'distilled'``, ``'avg'``, ``'avg_all'``,
+    ``'seq'`` (rows of :func:`~vision_attn.explain.rollout.token_pool_weights`), ``'map'`` (an attention-pool head,
+    timm ``AttentionPoolLatent``: its query's attention is the readout) or ``'prr'`` (timm ``AttentionPoolPrr``: a
+    self-attention then the class or average row).
+
+    Reads ``attn_pool`` (our :class:`~vision_attn.layers.SequencePool`: ``'seq'``; timm's attention pools),
+    ``head_dist`` (timm's distilled DeiT: ``'distilled'``), ``global_pool`` (``'token'``/``'avg'``;
+    ``pool_include_prefix`` gives ``'avg_all'``); a model that declares none of these is read as ``'token'`` with
+    prefix tokens, else ``'avg'``. Raises :class:`NotApplicableError` for pools no row weighting describes (timm's
+    ``'max'``, ``'avgmax'``, an unknown pooling module).
     """
+    from vision_attn.explain.families.vit import _attention_pools, _self_attention_pools
+
     name = type(model).__name__
     global_pool = getattr(model, "global_pool", None)
     attn_pool = getattr(model, "attn_pool", None)
     if isinstance(attn_pool, SequencePool):
         return "seq"
+    if isinstance(attn_pool, _attention_pools()):
+        return "map"
+    if isinstance(attn_pool, _self_attention_pools()):
+        return "prr"
     if isinstance(attn_pool, nn.Module):
         raise NotApplicableError(
             f"model {name} pools its tokens with {type(attn_pool).__name__} (global_pool={global_pool!r}); the "
-            f"token methods {_token_methods()} read class-token, distillation-token, average or sequence pooling "
-            "only; use a Grad-CAM method"
+            f"token methods {_token_methods()} read class-token, distillation-token, average, sequence or "
+            "attention pooling only; use a Grad-CAM method"
         )
     if isinstance(getattr(model, "head_dist", None), nn.Module):
         return "distilled"
@@ -111,37 +127,146 @@ def token_pool(model: nn.Module) -> str:
     if isinstance(global_pool, str) and global_pool:
         raise NotApplicableError(
             f"model {name} pools its tokens by global_pool={global_pool!r}, which no weighting of token rows "
-            f"describes; the token methods {_token_methods()} need 'token', 'avg' or sequence pooling; use a "
-            "Grad-CAM method"
+            f"describes; the token methods {_token_methods()} need 'token', 'avg', sequence or attention pooling; "
+            "use a Grad-CAM method"
         )
-    prefix = getattr(model, "num_prefix_tokens", None)
-    if prefix is None:
-        prefix = int(getattr(model, "cls_token", None) is not None)
-    return "token" if prefix > 0 else "avg"
+    return "token" if declared_prefix(model) > 0 else "avg"
 
 
 def token_attention_problem(model: nn.Module) -> str:
-    """Why the token methods cannot read ``model`` (``''`` when they can, as far as the modules tell): no token
-    attention the recorder captures, or a head pooling that no weighting of token rows describes."""
-    recorder = AttentionRecorder(model)
-    if not recorder.has_token_attention:
-        kinds = sorted(set(recorder.kinds.values()))
+    """Why the token methods cannot read ``model`` (``''`` when they can, as far as the modules tell): no family
+    adapter knows its attention (a CNN), or its adapter refuses it (with the reason)."""
+    from vision_attn.explain.families import find_adapter
+
+    adapter = find_adapter(model)
+    if adapter is None:
+        kinds = sorted(set(AttentionRecorder(model).kinds.values()))
         found = f" (it has only {', '.join(kinds)} maps)" if kinds else ""
         cnn_methods = ("gradcam", "gradcam++", "layercam", "spatial")
         return (
             f"model {type(model).__name__} has no token-attention modules{found}; the attention methods "
-            f"{_token_methods()} need a ViT-style model; use one of {cnn_methods} for a CNN"
+            f"{_token_methods()} need a transformer; use one of {cnn_methods} for a CNN"
         )
-    try:
-        token_pool(model)
-    except NotApplicableError as err:
-        return str(err)
-    return ""
+    return adapter.problem(model)
+
+
+def _refusal(model: nn.Module, adapter: object, unaccounted: list[tuple[str, str, tuple[int, ...]]]) -> str:
+    calls = ", ".join(f"{op} in {where or 'the model'} {list(shape)}" for where, op, shape in unaccounted[:4])
+    more = f" and {len(unaccounted) - 4} more" if len(unaccounted) > 4 else ""
+    return (
+        f"model {type(model).__name__} computes attention its family adapter ({adapter.family}) does not describe "
+        f"({calls}{more}): a map from the attention it does describe would leave these layers out; use a Grad-CAM "
+        "method or attnlrp"
+    )
+
+
+def capture_token_flow(
+    model: nn.Module,
+    images: torch.Tensor,
+    target: int | Sequence[int] | torch.Tensor | None = None,
+    gradients: bool = False,
+    head_fusion: str = "mean",
+    num_prefix_tokens: int | None = None,
+    grid_size: int | Sequence[int] | None = None,
+    keep_heads: bool = False,
+) -> TokenFlow:
+    """Run ``model`` once on ``images`` ``[B, C, H, W]`` and describe it for the token methods: a
+    :class:`~vision_attn.explain.flow.TokenFlow` built by the model's family adapter.
+
+    Each attention layer's map is reduced over heads as it is recorded (``head_fusion``; ``keep_heads=True`` keeps
+    ``[B, heads, W, q, k]``), so at most one map per layer is kept. ``gradients=True`` runs one backward pass of the
+    ``target`` logits (``None``: the predicted classes) instead, and each layer's map is ``mean_h(relu(∇A ⊙ A))``,
+    computed as its gradient arrives (with ``keep_heads`` the attention and its gradient are kept per head, in
+    :attr:`TokenFlow.gradients`). Attention-pool heads always give their plain attention (mean over heads): it is the
+    readout. Parameter ``.grad`` fields are left untouched. Raises :class:`NotApplicableError` when no adapter knows
+    the model, its adapter refuses it, or the model computes attention the adapter does not describe.
+    """
+    from vision_attn.explain.families import find_adapter
+    from vision_attn.explain.families.base import Capture, canonical
+    from vision_attn.explain.rollout import fuse_heads
+
+    name = type(model).__name__
+    adapter = find_adapter(model)
+    problem = token_attention_problem(model)
+    if adapter is None or problem:
+        raise NotApplicableError(problem)
+    if head_fusion not in ("mean", "max", "min"):
+        raise ValueError(f"head_fusion {head_fusion!r} is unknown; expected one of ('mean', 'max', 'min')")
+    batch = images.shape[0]
+    pools = adapter.pools(model)
+    weights: list[torch.Tensor | None] = []
+    per_head_grads: list[torch.Tensor | None] = []
+
+    def on_attention(owner: str, probs: torch.Tensor) -> int:
+        layout = adapter.layout(owner)
+        attention = canonical(layout, probs.detach(), batch)  # B, heads, W, q, k (a view)
+        index = len(weights)
+        if owner in pools:
+            weights.append(attention.mean(dim=1))
+        elif gradients and probs.requires_grad:
+            weights.append(attention if keep_heads else None)
+            per_head_grads.append(None)
+
+            def reduce(grad: torch.Tensor, index: int = index, attention: torch.Tensor = attention) -> None:
+                grad = canonical(layout, grad, batch)
+                if keep_heads:
+                    per_head_grads[index] = grad.detach()
+                else:
+                    weights[index] = (grad * attention).clamp(min=0).mean(dim=1)
+
+            probs.register_hook(reduce)
+            return index
+        else:
+            weights.append(attention.clone() if keep_heads else fuse_heads(attention, head_fusion))
+        per_head_grads.append(None)
+        return index
+
+    recorder = AttentionRecorder(
+        model,
+        detach=not gradients,
+        owners=adapter.owners(model),
+        skip={n: m for n, (m, _) in adapter.skipped(model).items()},
+        on_attention=on_attention,
+    )
+    adapter.observe(model, recorder)
+    targets = None
+    if gradients:
+        with torch.enable_grad(), recorder:
+            leaf = images.detach().requires_grad_(True)
+            logits = model(leaf)
+            check_logits(logits, model, need_classes=True)
+            targets = resolve_targets(target, logits)
+            if recorder.unaccounted:
+                raise NotApplicableError(_refusal(model, adapter, recorder.unaccounted))
+            score = logits.gather(1, targets[:, None]).sum()  # images are independent: d(sum)/dA_b = d(logit_b)/dA_b
+            torch.autograd.grad(score, leaf, allow_unused=True)
+        logits = logits.detach()
+    else:
+        with torch.no_grad(), recorder:
+            logits = model(images)
+        check_logits(logits, model)
+        if recorder.unaccounted:
+            raise NotApplicableError(_refusal(model, adapter, recorder.unaccounted))
+    for i, value in enumerate(weights):  # a layer no gradient reached (it does not affect the target)
+        if value is None:
+            raise NotApplicableError(f"model {name}: no gradient of the target logit reached attention call {i}")
+    events = list(recorder.events)
+    sequence = recorder.pool_weights
+    capture = Capture(
+        batch, tuple(images.shape[-2:]), num_prefix_tokens, grid_size, None if sequence is None else sequence.detach()
+    )
+    flow = adapter.describe(model, events, weights, capture)
+    flow.logits, flow.targets = logits, targets
+    flow.skipped = {n: reason for n, (_, reason) in adapter.skipped(model).items()}
+    if keep_heads and gradients:
+        flow.gradients = [per_head_grads[i] for kind, _, i in events if kind == "attention" and weights[i].ndim == 5]
+    return flow
 
 
 @dataclass
 class TokenAttention:
-    """One forward pass of a token model, as the token methods read it.
+    """One forward pass of a plain ViT-style model (global attention over one token set in every block), as the
+    token methods read it before :class:`~vision_attn.explain.flow.TokenFlow` described every family.
 
     ``attentions`` (and ``gradients`` of the ``targets`` logits, if asked for): ``[B, heads, N, N]`` per attention
     layer, detached; ``readout``: the weights ``[N]`` or ``[B, N]`` with which the head pools the output tokens;
@@ -157,20 +282,6 @@ class TokenAttention:
     targets: torch.Tensor | None
 
 
-def _global_attentions(recorder: AttentionRecorder, model: nn.Module, batch_size: int) -> list[torch.Tensor]:
-    attentions = recorder.attentions
-    if not attentions:
-        raise NotApplicableError(token_attention_problem(model) or f"model {type(model).__name__} ran no attention")
-    if any(a.shape[0] != batch_size for a in attentions):
-        shapes = sorted({tuple(a.shape) for a in attentions})
-        raise NotApplicableError(
-            f"model {type(model).__name__} has attention maps of shapes {shapes} for {batch_size} images: "
-            f"windowed or pooled attention (e.g. Swin) has no global [B, heads, N, N] map for {_token_methods()}; "
-            "use one of ('gradcam', 'gradcam++', 'layercam')"
-        )
-    return attentions
-
-
 def capture_token_attention(
     model: nn.Module,
     images: torch.Tensor,
@@ -179,32 +290,34 @@ def capture_token_attention(
     num_prefix_tokens: int | None = None,
     grid_size: int | Sequence[int] | None = None,
 ) -> TokenAttention:
-    """Run ``model`` once on ``images`` ``[B, C, H, W]`` and describe it for the token methods.
-
-    ``gradients=True`` also runs one backward pass of the ``target`` logits (``None``: the predicted classes) and
-    returns the gradients of the attention probabilities; parameter ``.grad`` fields are left untouched (the
-    gradients come from ``torch.autograd.grad``). ``num_prefix_tokens``/``grid_size`` are checked against the model
-    (:func:`token_layout`). Raises :class:`NotApplicableError` when the model has no global token attention.
+    """Run ``model`` once on ``images`` ``[B, C, H, W]`` and return its attention per layer and head, for models
+    whose every block attends globally over one token set (ViT-style; :func:`capture_token_flow` describes every
+    family). ``gradients=True`` also runs one backward pass of the ``target`` logits (``None``: the predicted
+    classes) and returns the gradients of the attention probabilities; parameter ``.grad`` fields are left untouched.
+    ``num_prefix_tokens``/``grid_size`` are checked against the model (:func:`token_layout`). Raises
+    :class:`NotApplicableError` for other models (windowed, hierarchical, class attention).
     """
-    num_prefix, grid = token_layout(model, tuple(images.shape[-2:]), num_prefix_tokens, grid_size)
-    pool = token_pool(model)
-    targets = grads = None
-    if gradients:
-        with torch.enable_grad(), AttentionRecorder(model, detach=False) as recorder:
-            logits = model(images.detach().requires_grad_(True))
-            check_logits(logits, model, need_classes=True)
-            attentions = _global_attentions(recorder, model, images.shape[0])
-            targets = resolve_targets(target, logits)
-            score = logits.gather(1, targets[:, None]).sum()  # images are independent: d(sum)/dA_b = d(logit_b)/dA_b
-            grads = [g.detach() for g in torch.autograd.grad(score, attentions)]
-        attentions = [a.detach() for a in attentions]
-        logits = logits.detach()
-    else:
-        with torch.no_grad(), AttentionRecorder(model) as recorder:
-            logits = model(images)
-        check_logits(logits, model)
-        attentions = _global_attentions(recorder, model, images.shape[0])
-    sequence = recorder.pool_weights
-    sequence = None if sequence is None else sequence.detach()
-    readout = token_pool_weights(pool, attentions[0].shape[-1], num_prefix, sequence)
-    return TokenAttention(attentions, grads, readout, num_prefix, grid, logits, targets)
+    flow = capture_token_flow(
+        model, images, target, gradients=gradients, num_prefix_tokens=num_prefix_tokens, grid_size=grid_size,
+        keep_heads=True,
+    )  # fmt: skip
+    layers = flow.attention_mixes
+    tokens = layers[0].source
+    readout = flow.readout_rows() if flow.readout.ndim == 2 else flow.readout.clone()
+    single = readout.ndim == 1
+    readout = readout[None] if single else readout
+    for mix in reversed(flow.mixes[flow.mixes.index(layers[-1]) + 1 :]):
+        readout = mix.pass_skip(readout)  # a pool that reads the patch tokens only
+    below = flow.mixes[: flow.mixes.index(layers[-1]) + 1]
+    plain = all(m.is_attention and m.source == m.target == tokens and m.weights.shape[2] == 1 for m in below)
+    if not plain:
+        raise NotApplicableError(
+            f"model {type(model).__name__} ({flow.family}) does not attend globally over one token set in every "
+            "block; capture_token_flow describes it"
+        )
+    attentions = [m.weights[:, :, 0] for m in layers]
+    grads = [g[:, :, 0] for g in flow.gradients] if gradients else None
+    return TokenAttention(
+        attentions, grads, readout[0] if single else readout, tokens.num_prefix_tokens, tokens.grid, flow.logits,
+        flow.targets,
+    )  # fmt: skip

@@ -1,5 +1,5 @@
-"""``gradient_rollout``: gradient-weighted attention rollout (Chefer, Gur & Wolf 2021, "Generic
-Attention-model Explainability for Interpreting Bi-Modal and Encoder-Decoder Transformers")."""
+"""``gradient_rollout``: gradient-weighted attention rollout (Chefer et al. 2021, "Generic Attention-model
+Explainability for Interpreting Bi-Modal and Encoder-Decoder Transformers")."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from vision_attn.explain.flow import flow_gradient_rollout
 from vision_attn.explain.registry import register_method
-from vision_attn.explain.rollout import gradient_rollout as rollout_with_gradients
-from vision_attn.explain.tokens import capture_token_attention
+from vision_attn.explain.tokens import capture_token_flow
 
 
 @register_method(
@@ -28,9 +28,7 @@ def gradient_rollout(
     grid_size: int | Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Gradient-weighted rollout of the ``target`` logits (``None``: the predicted classes), ``[B, gh, gw]``."""
-    tokens = capture_token_attention(
+    flow = capture_token_flow(
         model, images, target, gradients=True, num_prefix_tokens=num_prefix_tokens, grid_size=grid_size
     )
-    return rollout_with_gradients(
-        tokens.attentions, tokens.gradients, tokens.num_prefix_tokens, tokens.grid, tokens.readout
-    )
+    return flow_gradient_rollout(flow)
