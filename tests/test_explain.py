@@ -395,8 +395,9 @@ def test_explain_bad_input(tiny_vit: nn.Module, tiny_cnn: nn.Module) -> None:
     with pytest.raises(ValueError, match="head_fusion 'sum' is unknown"):
         explain(tiny_vit, x, method="rollout", head_fusion="sum")
     swin = timm.create_model(
-        "swin_tiny_patch4_window7_224", img_size=32, window_size=4, embed_dim=12, depths=(1, 1), num_heads=(1, 1)
-    ).eval()
-    with pytest.raises(ValueError, match="windowed or pooled attention"):
+        "swin_tiny_patch4_window7_224", img_size=32, window_size=4, embed_dim=12, depths=(1, 1), num_heads=(1, 1),
+        global_pool="max",
+    ).eval()  # fmt: skip
+    with pytest.raises(ValueError, match="pools its last tokens by 'max'"):
         explain(swin, torch.randn(1, 3, 32, 32), method="rollout")
     assert set(list_methods()) >= {"rollout", "gradient_rollout", "attention", "gradcam", "spatial", "random"}

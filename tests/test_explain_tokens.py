@@ -146,7 +146,7 @@ def test_sequence_pool_weights_are_recorded_from_outside() -> None:
 
 
 def test_timm_pools_without_a_row_reading_are_refused() -> None:
-    for pool in ("map", "max", "avgmax"):
+    for pool in ("max", "avgmax"):  # attention pooling ('map') is read: tests/test_families.py
         model = timm.create_model(
             "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=3, global_pool=pool
         ).eval()

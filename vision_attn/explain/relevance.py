@@ -79,7 +79,8 @@ def _embedding_map(
     module = embedding_module(model)
     if relevance.ndim == 4:
         fmt = getattr(module, "output_fmt", None)
-        nhwc = getattr(fmt, "value", fmt) == "NHWC"
+        grid = token_layout(model, image_size)[1]
+        nhwc = getattr(fmt, "value", fmt) == "NHWC" or (grid is not None and tuple(relevance.shape[1:3]) == grid)
         return relevance.sum(dim=-1) if nhwc else relevance.sum(dim=1)
     if relevance.ndim == 3:
         per_token = relevance.sum(dim=-1)  # B, N

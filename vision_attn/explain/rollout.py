@@ -248,7 +248,7 @@ def attention_rollout(
     ``pool_weights`` (default: row 0 if ``num_prefix_tokens > 0``, else the mean of all rows), over the
     patch-token columns (see :func:`tokens_to_grid` and :func:`token_pool_weights`).
     """
-    batch, num_tokens = check_attentions(attentions)
+    _, num_tokens = check_attentions(attentions)
     if head_fusion not in HEAD_FUSIONS:
         raise ValueError(f"head_fusion {head_fusion!r} is unknown; expected one of {HEAD_FUSIONS}")
     if not isinstance(discard_ratio, (int, float)) or not 0.0 <= discard_ratio < 1.0:
@@ -277,7 +277,7 @@ def gradient_rollout(
     ``R = I``; per layer ``Ā = mean_heads(clamp(∇A ⊙ A, min=0))``, ``R = R + Ā @ R``. Returns the raw map
     ``[B, gh, gw]`` read from ``R`` as in :func:`attention_rollout` (``pool_weights`` likewise).
     """
-    batch, num_tokens = check_attentions(attentions)
+    _, num_tokens = check_attentions(attentions)
     check_attentions(gradients, name="gradients")
     if len(gradients) != len(attentions):
         raise ValueError(f"gradients has {len(gradients)} layers, but attentions has {len(attentions)}")

@@ -403,7 +403,7 @@ register_adapter(
         _davit_classes,
         embedding=lambda m: getattr(m, "stem", None),
         cam=lambda m: (m.stages[-1], FeatureLayout("nchw")),
-    )  # fmt: skip
+    )
 )
 
 
@@ -438,5 +438,5 @@ register_adapter(
         _sam_classes,
         layout=_sam_layout,
         cam=lambda m: (m.blocks[-1], FeatureLayout("nhwc")),
-    )  # fmt: skip
+    )
 )
