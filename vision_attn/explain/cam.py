@@ -7,6 +7,7 @@ leaves the model as it was: no ``model.eval()``, no ``zero_grad()`` / ``.grad`` 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -14,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vision_attn.explain._common import NotApplicableError, check_logits, resolve_targets
+from vision_attn.explain.families.base import FeatureLayout
 
-__all__ = ["CAM_METHODS", "cam_weights", "default_target_layer", "grad_cam"]
+__all__ = ["CAM_METHODS", "cam_weights", "default_cam_layer", "default_target_layer", "grad_cam"]
 
 CAM_METHODS = ("gradcam", "gradcam++", "layercam")
 
@@ -42,27 +44,65 @@ def cam_weights(method: str, activations: torch.Tensor, gradients: torch.Tensor)
     raise ValueError(f"method {method!r} is not a CAM method; expected one of {CAM_METHODS}")
 
 
-def default_target_layer(model: nn.Module, images: torch.Tensor) -> nn.Module:
-    """Return the layer Grad-CAM uses by default.
+def _feature_info_layer(model: nn.Module, images: torch.Tensor) -> tuple[nn.Module, FeatureLayout] | None:
+    """The last stage of a timm model's ``feature_info``, with its layout told from its output's shape against the
+    stage's reduction: ``[B, C, h, w]``, ``[B, h, w, C]`` or tokens ``[B, N, C]`` (``N - gh*gw`` prefix tokens)."""
+    info = getattr(model, "feature_info", None)
+    try:
+        last = info[-1] if info else None
+        module = model.get_submodule(last["module"]) if isinstance(last, dict) else None
+        reduction = int(last["reduction"]) if isinstance(last, dict) else 0
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError):
+        return None
+    if module is None or reduction <= 0:
+        return None
+    outputs: list[object] = []
+    handle = module.register_forward_hook(lambda m, args, out: outputs.append(out))
+    try:
+        with torch.no_grad():
+            model(images[:1])
+    finally:
+        handle.remove()
+    if len(outputs) != 1 or not isinstance(outputs[0], torch.Tensor):
+        return None
+    shape = tuple(outputs[0].shape)
+    grid = tuple(-(-int(size) // reduction) for size in images.shape[-2:])
+    if len(shape) == 4 and shape[-2:] == grid:
+        return module, FeatureLayout("nchw")
+    if len(shape) == 4 and shape[1:3] == grid:
+        return module, FeatureLayout("nhwc")
+    if len(shape) == 3 and 0 <= shape[1] - grid[0] * grid[1] <= 16:
+        return module, FeatureLayout("tokens", shape[1] - grid[0] * grid[1], grid)
+    return None
 
-    ViT-style models (``blocks`` and ``patch_embed``): the last block's ``norm1`` (the usual choice for ViTs).
-    Otherwise the module that last produces a 4-D feature map with more than one location during a forward
-    pass of one image (``layer4`` for a ResNet), never one inside a token-attention module (whose ``q``/``k``
-    tensors ``[B, heads, N, head_dim]`` are 4-D too). Pass the unwrapped model (see
-    :func:`~vision_attn.explain._common.unwrap_model`).
+
+def default_cam_layer(model: nn.Module, images: torch.Tensor) -> tuple[nn.Module, FeatureLayout]:
+    """Grad-CAM's default target layer of ``model`` and how its output is a feature map.
+
+    The model's family adapter names it (:mod:`vision_attn.explain.families`: the last block's ``norm1`` for ViTs,
+    the last stage for hierarchical models, the last self-attention block for CaiT / XCiT); else the last stage of
+    timm's ``feature_info``; else the module that last produces a 4-D feature map with more than one location during
+    a forward pass of one image (``layer4`` for a ResNet), never one inside a token-attention module (whose ``q``/``k``
+    tensors ``[B, heads, N, head_dim]`` are 4-D too). Raises :class:`NotApplicableError` suggesting ``target_layers``
+    when none is found.
     """
-    blocks = getattr(model, "blocks", None)
-    if hasattr(model, "patch_embed") and isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) > 0:
-        last = blocks[-1]
-        return last.norm1 if hasattr(last, "norm1") else last
+    from vision_attn.explain.families import find_adapter
+
+    adapter = find_adapter(model)
+    found = adapter.cam_layer(model) if adapter is not None else None
+    if found is not None:
+        return found
+    found = _feature_info_layer(model, images)
+    if found is not None:
+        return found
     inside_attention = {
         id(sub) for m in model.modules() if hasattr(m, "fused_attn") for sub in m.modules() if sub is not m
     }
-    found: list[nn.Module] = []
+    layers: list[nn.Module] = []
 
     def hook(module: nn.Module, args: object, output: object) -> None:
         if isinstance(output, torch.Tensor) and output.ndim == 4 and output.shape[-1] * output.shape[-2] > 1:
-            found.append(module)
+            layers.append(module)
 
     candidates = [m for m in model.modules() if m is not model and id(m) not in inside_attention]
     handles = [m.register_forward_hook(hook) for m in candidates]
@@ -72,18 +112,37 @@ def default_target_layer(model: nn.Module, images: torch.Tensor) -> nn.Module:
     finally:
         for handle in handles:
             handle.remove()
-    if not found:
+    if not layers:
         raise NotApplicableError(
             f"model {type(model).__name__} produces no 4-D feature map for Grad-CAM; pass target_layers=[module]"
         )
-    return found[-1]
+    return layers[-1], FeatureLayout("nchw")
+
+
+def default_target_layer(model: nn.Module, images: torch.Tensor) -> nn.Module:
+    """Return the layer Grad-CAM uses by default (see :func:`default_cam_layer`, which also says its layout). Pass
+    the unwrapped model (see :func:`~vision_attn.explain._common.unwrap_model`)."""
+    return default_cam_layer(model, images)[0]
 
 
 def _to_spatial(
-    tensor: torch.Tensor, num_prefix_tokens: int, grid_size: tuple[int, int] | None, layer_name: str
+    tensor: torch.Tensor,
+    num_prefix_tokens: int,
+    grid_size: tuple[int, int] | None,
+    layer_name: str,
+    layout: FeatureLayout | None = None,
 ) -> torch.Tensor:
+    if layout is not None and layout.kind == "nhwc" and tensor.ndim == 4:
+        return tensor.permute(0, 3, 1, 2)
     if tensor.ndim == 4:
         return tensor
+    if layout is not None and layout.kind == "tokens":
+        num_prefix_tokens = layout.num_prefix_tokens
+        grid_size = layout.grid or grid_size
+        if grid_size is None or grid_size[0] * grid_size[1] != tensor.shape[1] - num_prefix_tokens:
+            count = tensor.shape[1] - num_prefix_tokens
+            side = math.isqrt(count)
+            grid_size = (side, side) if side * side == count else grid_size
     if tensor.ndim == 3 and grid_size is not None:  # tokens B, N, C -> B, C, gh, gw
         tokens = tensor[:, num_prefix_tokens:]
         if tokens.shape[1] != grid_size[0] * grid_size[1]:
@@ -106,13 +165,15 @@ def grad_cam(
     method: str = "gradcam",
     num_prefix_tokens: int = 0,
     grid_size: tuple[int, int] | None = None,
+    layouts: Sequence[FeatureLayout | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``model`` once and return ``(maps [B, H_img, W_img], targets [B])`` of a Grad-CAM ``method``.
 
     ``targets``: class index per image (``None``: the predicted class). Each layer's map is rectified,
     min-max scaled per image and upsampled (bilinear) to the image; the maps of several layers are averaged,
     as in ``pytorch_grad_cam``. ``[B, N, C]`` token outputs are reshaped to ``grid_size`` after dropping
-    ``num_prefix_tokens``.
+    ``num_prefix_tokens``; ``layouts`` (one per layer, see :func:`default_cam_layer`) say where a layer's output is
+    channels-last (``[B, h, w, C]``) or tokens with their own prefix and grid.
     """
     if method not in CAM_METHODS:
         raise ValueError(f"method {method!r} is not a CAM method; expected one of {CAM_METHODS}")
@@ -142,8 +203,9 @@ def grad_cam(
     maps = []
     for i, (act, grad) in enumerate(zip(activations, grads, strict=True)):
         name = f"target_layers[{i}]"
-        act = _to_spatial(act.detach(), num_prefix_tokens, grid_size, name)
-        grad = _to_spatial(grad, num_prefix_tokens, grid_size, name)
+        layout = layouts[i] if layouts is not None else None
+        act = _to_spatial(act.detach(), num_prefix_tokens, grid_size, name, layout)
+        grad = _to_spatial(grad, num_prefix_tokens, grid_size, name, layout)
         cam = cam_weights(method, act.float(), grad.float()).clamp(min=0)  # B, h, w
         cam = cam - cam.flatten(1).amin(dim=1)[:, None, None]
         cam = cam / (1e-7 + cam.flatten(1).amax(dim=1)[:, None, None])

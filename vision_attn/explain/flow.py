@@ -255,7 +255,8 @@ class TokenFlow:
 
     def readout_rows(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The readout as ``[B, N_last]``."""
-        batch = self.mixes[0].weights.shape[0] if self.attention_mixes else 1
+        attention = self.attention_mixes
+        batch = attention[0].weights.shape[0] if attention else 1
         rows = self.readout.to(dtype)
         return rows.expand(batch, -1).clone() if rows.ndim == 1 else rows.clone()
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vision_attn.explain.cam import default_target_layer, grad_cam
+from vision_attn.explain.cam import default_cam_layer, grad_cam
 from vision_attn.explain.registry import register_method
 from vision_attn.explain.tokens import token_layout
 
@@ -50,12 +50,16 @@ def _register(name: str, description: str, reference: str) -> None:
         grid_size: int | Sequence[int] | None = None,
     ) -> torch.Tensor:
         num_prefix, grid = token_layout(model, tuple(images.shape[-2:]), num_prefix_tokens, grid_size)
-        layers = (
-            [default_target_layer(model, images)]
-            if target_layers is None
-            else resolve_target_layers(model, target_layers)
+        if target_layers is None:
+            layer, layout = default_cam_layer(model, images)
+            layers, layouts = [layer], [layout]
+            if layout.kind == "tokens" and num_prefix_tokens is None and grid_size is None:
+                num_prefix = layout.num_prefix_tokens
+        else:
+            layers, layouts = resolve_target_layers(model, target_layers), None
+        maps, _ = grad_cam(
+            model, images, target, layers, name, num_prefix_tokens=num_prefix, grid_size=grid, layouts=layouts
         )
-        maps, _ = grad_cam(model, images, target, layers, name, num_prefix_tokens=num_prefix, grid_size=grid)
         return maps
 
     cam.__name__ = cam.__qualname__ = name.replace("+", "p")
