@@ -80,7 +80,10 @@ def _embedding_map(
     if relevance.ndim == 4:
         fmt = getattr(module, "output_fmt", None)
         grid = token_layout(model, image_size)[1]
-        nhwc = getattr(fmt, "value", fmt) == "NHWC" or (grid is not None and tuple(relevance.shape[1:3]) == grid)
+        adapter = find_adapter(model)
+        declared = adapter.embedding_layout(model) if adapter is not None else None
+        nhwc = declared == "nhwc" or getattr(fmt, "value", fmt) == "NHWC"
+        nhwc = nhwc or (declared is None and grid is not None and tuple(relevance.shape[1:3]) == grid)
         return relevance.sum(dim=-1) if nhwc else relevance.sum(dim=1)
     if relevance.ndim == 3:
         per_token = relevance.sum(dim=-1)  # B, N

@@ -123,6 +123,10 @@ class FamilyAdapter:
         module = getattr(model, "patch_embed", None)
         return module if isinstance(module, nn.Module) else None
 
+    def embedding_layout(self, model: nn.Module) -> str | None:
+        """``'nhwc'`` / ``'nchw'`` / ``'tokens'`` for the embedding output, ``None``: told from its shape."""
+        return None
+
     def cam_layer(self, model: nn.Module) -> tuple[nn.Module, FeatureLayout] | None:
         """Grad-CAM's default target layer and how its output is a feature map (``None``: the generic search)."""
         return None

@@ -38,9 +38,9 @@ from vision_attn.explain.families.base import (
     register_adapter,
     window_index,
 )
-from vision_attn.explain.flow import TokenFlow, TokenGrid, TokenMix, attention_mix, merge_mix
+from vision_attn.explain.flow import TokenFlow, TokenGrid, TokenMap, TokenMix, attention_mix, merge_mix
 
-__all__ = ["BlockInfo", "HierarchicalAdapter", "MergeInfo"]
+__all__ = ["BlockInfo", "HierarchicalAdapter", "MergeInfo", "StageInfo"]
 
 
 @dataclass
@@ -48,15 +48,27 @@ class BlockInfo:
     """One attention block as its adapter reads it on a call: the ``grid`` it attends on (prefix-free), and per
     attention module the window partition (``None``: global), the shift, the padding multiple and whether pairs
     across a shifted window's wrap are masked. ``pool``: the block first pools its tokens (CoAtNet), sources per
-    coarse token."""
+    coarse token. ``keys``: the keys are pooled from the grid (spatial reduction): their grid and each key's sources.
+    ``prefix``: class tokens before the grid (kept as they are by merges)."""
 
-    grid: tuple[int, int]
+    grid: tuple[int, int] | None
     partitions: list[Callable[[torch.Tensor], torch.Tensor] | None]
     shift: tuple[int, int] = (0, 0)
     pad_to: tuple[int, int] | None = None
     window: tuple[int, int] | None = None
     pool: tuple[tuple[int, int], list[list[int]]] | None = None
+    keys: tuple[tuple[int, int], list[list[int]]] | None = None
+    prefix: int = 0
     kind: str = "block"
+
+
+@dataclass
+class StageInfo:
+    """A stage starts on ``grid`` with ``prefix`` class tokens (its blocks then say ``grid=None``: the stage's)."""
+
+    grid: tuple[int, int]
+    prefix: int = 0
+    kind: str = "stage"
 
 
 @dataclass
@@ -66,6 +78,7 @@ class MergeInfo:
     grid: tuple[int, int]
     out: tuple[int, int]
     sources: list[list[int]]
+    prefix: int = 0
     kind: str = "merge"
 
 
@@ -75,6 +88,12 @@ def _grid_of(x: torch.Tensor, channels_last: bool) -> tuple[int, int]:
 
 def _pair(value: Any) -> tuple[int, int]:
     return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _with_prefix(sources: list[list[int]], tokens: TokenGrid) -> list[list[int]]:
+    """Grid sources offset past the prefix tokens, which stand for themselves."""
+    prefix = tokens.num_prefix_tokens
+    return [[i] for i in range(prefix)] + [[prefix + j for j in src] for src in sources]
 
 
 def stride_sources(grid: tuple[int, int], out: tuple[int, int]) -> list[list[int]]:
@@ -106,10 +125,12 @@ def shift_mask(
 class HierarchicalAdapter(FamilyAdapter):
     """A family of attention blocks on a token grid that changes between stages (configured per family).
 
-    ``block_classes``: ``{class: (read(module, x) -> BlockInfo, attention attribute names)}`` (read sees the block's
-    input); ``merge_classes``: ``{class: read(module, x, out) -> MergeInfo}``; ``skip_classes``: ``{class: reason}``
-    for attention left out; ``layouts``: how the attention modules lay out their maps (default
-    ``'(bw)hqk'``). Grids that change between blocks with no merge module (a strided conv block) merge stride cells.
+    ``classes()`` returns ``{'blocks': {class: (read(module, args) -> BlockInfo, attention attribute names)}, 'merges':
+    {class: read(module, args, out) -> MergeInfo}, 'skip': {class: reason}}``: read sees a block's call arguments
+    (an empty attribute name: the block is the attention module itself), a merge's arguments and output; ``layout``
+    tells how an attention module lays out its maps (default ``'(bw)hqk'``). Grids that change between blocks with
+    no merge module (a strided conv block) merge stride cells. ``readout(model, tokens)`` gives the head's rows
+    (default: the head's global pooling).
     """
 
     def __init__(
@@ -117,12 +138,16 @@ class HierarchicalAdapter(FamilyAdapter):
         family: str,
         classes: Callable[[], dict[str, Any]],
         embedding: Callable[[nn.Module], nn.Module | None] | None = None,
+        embedding_layout: str | None = None,
         cam: Callable[[nn.Module], tuple[nn.Module, FeatureLayout] | None] | None = None,
         layout: Callable[[nn.Module], Any] | None = None,
+        readout: Callable[[nn.Module, TokenGrid], torch.Tensor] | None = None,
     ) -> None:
         self.family = family
+        self._readout = readout
         self._classes = classes
         self._embedding = embedding
+        self._embedding_layout = embedding_layout
         self._cam = cam
         self._layout = layout
         self._layouts: dict[str, Any] = {}
@@ -136,7 +161,7 @@ class HierarchicalAdapter(FamilyAdapter):
 
     def problem(self, model: nn.Module) -> str:
         pool = head_pool_type(model)
-        if pool not in ("avg", "fast", None, ""):
+        if self._readout is None and pool not in ("avg", "fast", None, ""):
             return (
                 f"model {type(model).__name__} ({self.family}) pools its last tokens by {pool!r}, which no weighting "
                 "of token rows describes; the token methods read average pooling; use a Grad-CAM method"
@@ -157,11 +182,12 @@ class HierarchicalAdapter(FamilyAdapter):
         owners = {}
         for name, module, attrs in self._blocks(model):
             for attr in attrs:
-                sub = getattr(module, attr, None)
+                sub = getattr(module, attr, None) if attr else module
                 if isinstance(sub, nn.Module):
-                    owners[f"{name}.{attr}"] = sub
+                    key = f"{name}.{attr}" if attr else name
+                    owners[key] = sub
                     if self._layout is not None:
-                        self._layouts[f"{name}.{attr}"] = self._layout(sub)
+                        self._layouts[key] = self._layout(sub)
         return owners
 
     def layout(self, name: str) -> Any:
@@ -175,11 +201,14 @@ class HierarchicalAdapter(FamilyAdapter):
         config = self.config()
         for name, module, _ in self._blocks(model):
             read = next(r for cls, (r, _) in config["blocks"].items() if isinstance(module, cls))
-            recorder.observe(module, lambda m, args, out, read=read: read(m, args[0]), pre=True, name=name)
+            recorder.observe(module, lambda m, args, out, read=read: read(m, args), pre=True, name=name)
         for name, module in model.named_modules():
             for cls, read in config.get("merges", {}).items():
                 if isinstance(module, cls):
-                    recorder.observe(module, lambda m, args, out, read=read: read(m, args[0], out), name=name)
+                    recorder.observe(module, lambda m, args, out, read=read: read(m, args, out), name=name)
+            for cls, read in config.get("stages", {}).items():
+                if isinstance(module, cls):
+                    recorder.observe(module, lambda m, args, out, read=read: read(m, args), pre=True, name=name)
 
     def describe(
         self, model: nn.Module, events: list[tuple[str, str, Any]], weights: list[torch.Tensor], capture: Capture
@@ -218,32 +247,48 @@ class HierarchicalAdapter(FamilyAdapter):
                 if current.grid != payload.grid:
                     mixes.append(self._stride_merge(f"{where} (stride)", current, payload.grid))
                     current = mixes[-1].target
-                target = TokenGrid(0, payload.out)
-                mixes.append(merge_mix(where, current, target, payload.sources))
+                target = TokenGrid(current.num_prefix_tokens, payload.out)
+                mixes.append(merge_mix(where, current, target, _with_prefix(payload.sources, current)))
                 current = target
-            elif isinstance(payload, BlockInfo):
-                grid = payload.grid
+            elif isinstance(payload, StageInfo):
                 if current is None:
-                    current = TokenGrid(0, grid)
+                    current = TokenGrid(payload.prefix, payload.grid)
+                elif current.grid != payload.grid:
+                    mixes.append(self._stride_merge(f"{where} (stride)", current, payload.grid))
+                    current = mixes[-1].target
+            elif isinstance(payload, BlockInfo):
+                if payload.grid is None:
+                    if current is None:
+                        raise NotApplicableError(f"model {name}: block {where} ran before its stage said its grid")
+                    payload.grid = current.grid
+                grid = payload.grid if payload.pool is None else payload.pool[0]
+                if current is None:
+                    current = TokenGrid(payload.prefix, payload.grid)
+                if payload.pool is not None:
+                    if current.grid != payload.grid:
+                        mixes.append(self._stride_merge(f"{where} (stride)", current, payload.grid))
+                        current = mixes[-1].target
+                    out, sources = payload.pool
+                    target = TokenGrid(current.num_prefix_tokens, out)
+                    mixes.append(merge_mix(f"{where} (pool)", current, target, _with_prefix(sources, current)))
+                    current = target
                 elif current.grid != grid:  # a strided conv block between attention blocks
                     mixes.append(self._stride_merge(f"{where} (stride)", current, grid))
                     current = mixes[-1].target
-                if payload.pool is not None:
-                    out, sources = payload.pool
-                    target = TokenGrid(0, out)
-                    mixes.append(merge_mix(f"{where} (pool)", current, target, sources))
-                    current = target
                 block, block_name = payload, where
         close_block()
         if not mixes:
             raise NotApplicableError(f"model {name} ran no attention block")
-        pool = head_pool_type(model) or "avg"
-        readout = readout_weights(pool, mixes[-1].target, name)
+        if self._readout is not None:
+            readout = self._readout(model, mixes[-1].target)
+        else:
+            readout = readout_weights(head_pool_type(model) or "avg", mixes[-1].target, name)
         return TokenFlow(mixes, readout, family=self.family)
 
     @staticmethod
     def _stride_merge(name: str, source: TokenGrid, grid: tuple[int, int]) -> TokenMix:
-        return merge_mix(name, source, TokenGrid(0, grid), stride_sources(source.grid, grid))
+        target = TokenGrid(source.num_prefix_tokens, grid)
+        return merge_mix(name, source, target, _with_prefix(stride_sources(source.grid, grid), source))
 
     @staticmethod
     def _block_mix(name: str, block: BlockInfo, maps: list[torch.Tensor], tokens: TokenGrid) -> TokenMix:
@@ -252,11 +297,19 @@ class HierarchicalAdapter(FamilyAdapter):
             if partition is None:  # global attention
                 index = torch.arange(tokens.num_tokens)[None]
             else:
-                index = window_index(block.grid, partition, block.shift, block.pad_to)
+                index = window_index(block.grid, partition, block.shift, block.pad_to, tokens.num_prefix_tokens)
                 if any(block.shift):
                     mask = shift_mask(block.grid, block.window, block.shift, partition)
                     weights = weights * mask.to(weights.device, weights.dtype)
             parts.append((index, weights))
+        if len(parts) == 1 and block.keys is not None:  # spatially reduced keys: pooled from the grid
+            key_grid, sources = block.keys
+            keys = TokenGrid(tokens.num_prefix_tokens, key_grid)
+            key_sources = TokenMap.from_sources(_with_prefix(sources, tokens), tokens.num_tokens)
+            queries = torch.arange(tokens.num_tokens)[None]
+            return attention_mix(
+                name, tokens, parts[0][1], queries=queries, key_tokens=keys, key_sources=key_sources
+            )
         if len(parts) == 1:
             index, weights = parts[0]
             return attention_mix(name, tokens, weights, queries=index, keys=index)
@@ -271,6 +324,9 @@ class HierarchicalAdapter(FamilyAdapter):
     def embedding(self, model: nn.Module) -> nn.Module | None:
         return self._embedding(model) if self._embedding is not None else super().embedding(model)
 
+    def embedding_layout(self, model: nn.Module) -> str | None:
+        return self._embedding_layout
+
     def cam_layer(self, model: nn.Module) -> tuple[nn.Module, FeatureLayout] | None:
         return self._cam(model) if self._cam is not None else None
 
@@ -283,15 +339,15 @@ def _swin_classes() -> dict[str, Any]:
     from timm.models import swin_transformer_v2 as v2
     from timm.models import swin_transformer_v2_cr as cr
 
-    def block(partition: Callable) -> Callable[[nn.Module, torch.Tensor], BlockInfo]:
-        def read(module: nn.Module, x: torch.Tensor) -> BlockInfo:
+    def block(partition: Callable) -> Callable[[nn.Module, tuple[Any, ...]], BlockInfo]:
+        def read(module: nn.Module, args: tuple[Any, ...]) -> BlockInfo:
             window, shift = _pair(module.window_size), _pair(module.shift_size)
-            return BlockInfo(_grid_of(x, channels_last=True), [lambda t: partition(t, window)], shift, window, window)
+            return BlockInfo(_grid_of(args[0], True), [lambda t: partition(t, window)], shift, window, window)
 
         return read
 
-    def merge(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> MergeInfo:
-        grid = _grid_of(x, channels_last=True)
+    def merge(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> MergeInfo:
+        grid = _grid_of(args[0], channels_last=True)
         size, sources = conv_sources(grid, 2, 2, 0, ceil_mode=True)
         return MergeInfo(grid, size, sources)
 
@@ -331,18 +387,20 @@ def _maxvit_classes() -> dict[str, Any]:
         fn = mx.window_partition if block else mx.grid_partition
         return lambda t: fn(t, size)
 
-    def cl(module: nn.Module, x: torch.Tensor) -> BlockInfo:
-        return BlockInfo(_grid_of(x, True), [partition(module.partition_block, _pair(module.partition_size), False)])
-
-    def nchw(module: nn.Module, x: torch.Tensor) -> BlockInfo:
-        return BlockInfo(_grid_of(x, False), [partition(module.partition_block, _pair(module.partition_size), True)])
-
-    def parallel(module: nn.Module, x: torch.Tensor) -> BlockInfo:
+    def cl(module: nn.Module, args: tuple[Any, ...]) -> BlockInfo:
         size = _pair(module.partition_size)
-        return BlockInfo(_grid_of(x, True), [partition(True, size, False), partition(False, size, False)])
+        return BlockInfo(_grid_of(args[0], True), [partition(module.partition_block, size, False)])
 
-    def transformer(module: nn.Module, x: torch.Tensor) -> BlockInfo:
-        grid = _grid_of(x, False)
+    def nchw(module: nn.Module, args: tuple[Any, ...]) -> BlockInfo:
+        size = _pair(module.partition_size)
+        return BlockInfo(_grid_of(args[0], False), [partition(module.partition_block, size, True)])
+
+    def parallel(module: nn.Module, args: tuple[Any, ...]) -> BlockInfo:
+        size = _pair(module.partition_size)
+        return BlockInfo(_grid_of(args[0], True), [partition(True, size, False), partition(False, size, False)])
+
+    def transformer(module: nn.Module, args: tuple[Any, ...]) -> BlockInfo:
+        grid = _grid_of(args[0], False)
         pool = None
         if isinstance(module.shortcut, mx.Downsample2d):
             layer = module.shortcut.pool
@@ -379,13 +437,13 @@ register_adapter(
 def _davit_classes() -> dict[str, Any]:
     from timm.models import davit
 
-    def spatial(module: nn.Module, x: torch.Tensor) -> BlockInfo:
+    def spatial(module: nn.Module, args: tuple[Any, ...]) -> BlockInfo:
         window = _pair(module.window_size)
-        return BlockInfo(_grid_of(x, False), [lambda t: davit.window_partition(t, window)], pad_to=window)
+        return BlockInfo(_grid_of(args[0], False), [lambda t: davit.window_partition(t, window)], pad_to=window)
 
-    def downsample(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> MergeInfo:
+    def downsample(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> MergeInfo:
         conv = module.conv
-        grid = _grid_of(x, False)
+        grid = _grid_of(args[0], False)
         size, sources = conv_sources(grid, conv.kernel_size, conv.stride, conv.padding, ceil_mode=module.even_k)
         return MergeInfo(grid, size, sources)
 
@@ -413,8 +471,8 @@ register_adapter(
 def _sam_classes() -> dict[str, Any]:
     from timm.models import vision_transformer_sam as sam
 
-    def block(module: nn.Module, x: torch.Tensor) -> BlockInfo:
-        grid = _grid_of(x, True)
+    def block(module: nn.Module, args: tuple[Any, ...]) -> BlockInfo:
+        grid = _grid_of(args[0], True)
         size = int(module.window_size)
         if size > 0:
             return BlockInfo(grid, [lambda t: sam.window_partition(t, size)[0]], pad_to=(size, size))
