@@ -132,6 +132,8 @@ def _to_spatial(
     layer_name: str,
     layout: FeatureLayout | None = None,
 ) -> torch.Tensor:
+    if layout is not None and layout.convert is not None:
+        return layout.convert(tensor)
     if layout is not None and layout.kind == "nhwc" and tensor.ndim == 4:
         return tensor.permute(0, 3, 1, 2)
     if tensor.ndim == 4:

@@ -53,12 +53,14 @@ def canonical(layout: Any, probs: torch.Tensor, batch: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class FeatureLayout:
-    """How a layer's output is a feature map: ``'nchw'``, ``'nhwc'``, or ``'tokens'`` ``[B, N, C]`` with
-    ``num_prefix_tokens`` then a ``grid`` (``None``: the model's patch grid for the image)."""
+    """How a layer's output is a feature map: ``'nchw'``, ``'nhwc'``, ``'tokens'`` ``[B, N, C]`` with
+    ``num_prefix_tokens`` then a ``grid`` (``None``: the model's patch grid for the image), or ``'custom'``: the
+    family's own ``convert(output) -> [B, C, h, w]`` (a reordering, e.g. Hiera's reroll)."""
 
     kind: str
     num_prefix_tokens: int = 0
     grid: tuple[int, int] | None = None
+    convert: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
@@ -272,6 +274,8 @@ def head_pool_type(model: nn.Module) -> str | None:
         pool = getattr(owner, "global_pool", None)
         if isinstance(pool, str):
             return pool
+        if isinstance(getattr(owner, "pool_type", None), str):
+            return owner.pool_type
         pool_type = getattr(pool, "pool_type", None)
         if isinstance(pool_type, str):
             return pool_type

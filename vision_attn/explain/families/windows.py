@@ -49,7 +49,9 @@ class BlockInfo:
     attention module the window partition (``None``: global), the shift, the padding multiple and whether pairs
     across a shifted window's wrap are masked. ``pool``: the block first pools its tokens (CoAtNet), sources per
     coarse token. ``keys``: the keys are pooled from the grid (spatial reduction): their grid and each key's sources.
-    ``prefix``: class tokens before the grid (kept as they are by merges)."""
+    ``queries``: the queries are pooled (MViTv2): the output grid and each output token's residual sources (``None``:
+    no residual path through pooling: an identity on the same grid). ``prefix``: class tokens before the grid (kept as
+    they are by merges)."""
 
     grid: tuple[int, int] | None
     partitions: list[Callable[[torch.Tensor], torch.Tensor] | None]
@@ -58,6 +60,7 @@ class BlockInfo:
     window: tuple[int, int] | None = None
     pool: tuple[tuple[int, int], list[list[int]]] | None = None
     keys: tuple[tuple[int, int], list[list[int]]] | None = None
+    queries: tuple[tuple[int, int], list[list[int]] | None] | None = None
     prefix: int = 0
     kind: str = "block"
 
@@ -230,6 +233,7 @@ class HierarchicalAdapter(FamilyAdapter):
                     f"model {name}: block {block_name} ran {len(pending)} attention calls, expected {expected}"
                 )
             mixes.append(self._block_mix(block_name, block, pending, current))
+            current = mixes[-1].target
             block, pending[:] = None, []
 
         for kind, where, payload in events:
@@ -302,14 +306,23 @@ class HierarchicalAdapter(FamilyAdapter):
                     mask = shift_mask(block.grid, block.window, block.shift, partition)
                     weights = weights * mask.to(weights.device, weights.dtype)
             parts.append((index, weights))
-        if len(parts) == 1 and block.keys is not None:  # spatially reduced keys: pooled from the grid
-            key_grid, sources = block.keys
-            keys = TokenGrid(tokens.num_prefix_tokens, key_grid)
-            key_sources = TokenMap.from_sources(_with_prefix(sources, tokens), tokens.num_tokens)
-            queries = torch.arange(tokens.num_tokens)[None]
+        if len(parts) == 1 and (block.keys is not None or block.queries is not None):  # pooled keys / queries
+            keys = key_sources = skip = None
+            if block.keys is not None:
+                key_grid, sources = block.keys
+                keys = TokenGrid(tokens.num_prefix_tokens, key_grid)
+                key_sources = TokenMap.from_sources(_with_prefix(sources, tokens), tokens.num_tokens)
+            target = tokens
+            if block.queries is not None:
+                out, skip_sources = block.queries
+                target = TokenGrid(tokens.num_prefix_tokens, out)
+                if skip_sources is not None:
+                    skip = TokenMap.from_sources(_with_prefix(skip_sources, tokens), tokens.num_tokens)
+            queries = torch.arange(target.num_tokens)[None]
             return attention_mix(
-                name, tokens, parts[0][1], queries=queries, key_tokens=keys, key_sources=key_sources
-            )
+                name, tokens, parts[0][1], queries=queries, target=target, key_tokens=keys, key_sources=key_sources,
+                skip=skip,
+            )  # fmt: skip
         if len(parts) == 1:
             index, weights = parts[0]
             return attention_mix(name, tokens, weights, queries=index, keys=index)
