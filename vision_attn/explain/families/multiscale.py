@@ -94,7 +94,8 @@ class HieraAdapter(FamilyAdapter):
 
     def matches(self, model: nn.Module) -> bool:
         block, _ = _hiera_classes()
-        return isinstance(getattr(model, "unroll", None), nn.Module) and any(isinstance(m, block) for m in model.modules())
+        unroll = getattr(model, "unroll", None)
+        return isinstance(unroll, nn.Module) and any(isinstance(m, block) for m in model.modules())
 
     def problem(self, model: nn.Module) -> str:
         pool = head_pool_type(model)
