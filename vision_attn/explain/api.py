@@ -97,4 +97,6 @@ def explain(
         shape = tuple(raw.shape) if isinstance(raw, torch.Tensor) else type(raw).__name__
         raise ValueError(f"method {method!r} returned {shape}; an explain method must return maps [B, h, w] with "
                          f"B={images.shape[0]}")  # fmt: skip
-    return normalize_maps(upsample_maps(raw.detach(), size)).to(images.device)
+    raw = raw.detach()
+    raw = raw - raw.flatten(1).amin(dim=1)[:, None, None]  # min-max scaling ignores the offset; float32 keeps the rest
+    return normalize_maps(upsample_maps(raw, size)).to(images.device)

@@ -269,8 +269,10 @@ class TokenFlow:
 
 
 def _dtype(flow: TokenFlow) -> torch.dtype:
-    mixes = flow.attention_mixes
-    return torch.promote_types(mixes[0].weights.dtype, torch.float32) if mixes else torch.float32
+    """The readout row is propagated in float64: a map is min-max scaled afterwards, so a small attention part on top
+    of a uniform residual part (an average-pooled head, small gradients) must survive the sum; the row is a vector, so
+    this costs little."""
+    return torch.float64
 
 
 def _discard(mix: TokenMix, weights: torch.Tensor, discard_ratio: float) -> torch.Tensor:

@@ -162,6 +162,13 @@ def transformer_attribution(
     :class:`~vision_attn.explain.NotApplicableError` for models without global token attention (CNNs, windowed
     attention), heads no row reading describes (timm ``'map'``, ``'max'``), or without a classifier.
     """
+    return _transformer_attribution(model, images, targets, start_layer, linear_rule).float()
+
+
+def _transformer_attribution(
+    model: nn.Module, images: torch.Tensor, targets: Targets, start_layer: int, linear_rule: str
+) -> torch.Tensor:
+    """:func:`transformer_attribution` in float64 (the rollout's precision; ``explain`` scales it)."""
     if linear_rule not in LINEAR_RULES:
         raise ValueError(f"linear_rule {linear_rule!r} is unknown; expected one of {LINEAR_RULES}")
     model, inputs = _prepare(model, images, "transformer_attribution")
@@ -214,4 +221,4 @@ def transformer_attribution(
     if capture.pool_weights is not None:
         capture.pool_weights = capture.pool_weights.detach()
     flow = adapter.describe(model, list(recorder.events), weights, capture)
-    return flow_gradient_rollout(flow, start_layer).float().to(images.device)
+    return flow_gradient_rollout(flow, start_layer).to(images.device)

@@ -177,6 +177,10 @@ def _read_rows(relevance: torch.Tensor, num_prefix_tokens: int, pool_weights: to
     return (weights[:, None] @ relevance)[:, 0]  # B, 1, N @ B, N, N -> B, N
 
 
+def _out_dtype(attentions: Sequence[torch.Tensor]) -> torch.dtype:
+    return torch.promote_types(attentions[0].dtype, torch.float32)
+
+
 def _flow(
     attentions: Sequence[torch.Tensor],
     num_prefix_tokens: int,
@@ -258,8 +262,8 @@ def attention_rollout(
     _check_prefix(num_prefix_tokens, num_tokens)
     _resolve_grid(num_tokens - num_prefix_tokens, grid_size)  # fail before the work
 
-    return flow_rollout(_flow(attentions, num_prefix_tokens, grid_size, pool_weights), head_fusion, discard_ratio,
-                        start_layer)  # fmt: skip
+    flow = _flow(attentions, num_prefix_tokens, grid_size, pool_weights)
+    return flow_rollout(flow, head_fusion, discard_ratio, start_layer).to(_out_dtype(attentions))
 
 
 def gradient_rollout(
@@ -289,7 +293,8 @@ def gradient_rollout(
     _check_prefix(num_prefix_tokens, num_tokens)
     _resolve_grid(num_tokens - num_prefix_tokens, grid_size)
 
-    return flow_gradient_rollout(_flow(attentions, num_prefix_tokens, grid_size, pool_weights, gradients))
+    flow = _flow(attentions, num_prefix_tokens, grid_size, pool_weights, gradients)
+    return flow_gradient_rollout(flow).to(_out_dtype(attentions))
 
 
 def last_layer_attention(
@@ -312,4 +317,5 @@ def last_layer_attention(
     if head_fusion not in HEAD_FUSIONS:
         raise ValueError(f"head_fusion {head_fusion!r} is unknown; expected one of {HEAD_FUSIONS}")
     _check_prefix(num_prefix_tokens, attentions[0].shape[-1])
-    return flow_attention(_flow(attentions, num_prefix_tokens, grid_size, pool_weights), layer, head_fusion)
+    flow = _flow(attentions, num_prefix_tokens, grid_size, pool_weights)
+    return flow_attention(flow, layer, head_fusion).to(_out_dtype(attentions))

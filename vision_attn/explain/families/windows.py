@@ -420,7 +420,6 @@ def _maxvit_classes() -> dict[str, Any]:
             pool = conv_sources(
                 grid, layer.kernel_size, layer.stride, layer.padding, getattr(layer, "ceil_mode", False)
             )
-            return BlockInfo(pool[0], [None], pool=pool)
         return BlockInfo(grid, [None], pool=pool)
 
     return {

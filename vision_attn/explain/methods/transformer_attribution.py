@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from vision_attn.explain.registry import register_method
-from vision_attn.explain.relevance import transformer_attribution as relevance_rollout
+from vision_attn.explain.relevance import _transformer_attribution
 
 
 @register_method(
@@ -28,4 +28,4 @@ def transformer_attribution(
 ) -> torch.Tensor:
     """Transformer Attribution of the ``target`` logits, ``[B, gh, gw]`` (see
     :func:`vision_attn.explain.relevance.transformer_attribution`)."""
-    return relevance_rollout(model, images, target, start_layer=start_layer, linear_rule=linear_rule)
+    return _transformer_attribution(model, images, target, start_layer, linear_rule)
