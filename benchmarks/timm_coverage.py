@@ -22,6 +22,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 import warnings
@@ -34,6 +35,8 @@ import timm
 import torch
 from torch import nn
 
+import vision_attn  # noqa: F401  (registers our models with timm: the 'vit' and 'resnet_attn' modules)
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -42,12 +45,16 @@ __all__ = ["FAMILIES", "NOT_ATTENTION", "Family", "liven", "run_family", "sweep"
 
 @dataclass(frozen=True)
 class Family:
-    """A small config of one timm family: ``build() -> model`` (random init, 3 classes) and its image size."""
+    """A small config of one timm family: ``build() -> model`` (random init, 3 classes), its image size, and the seed
+    of its random init. Before an average-pooled linear head, Grad-CAM++ and LayerCAM weigh channels by positive
+    gradients only, so their map is ``relu(sum_c w_c+ a_c)``; at random init (and with noise images, on which a
+    CNN's features are nearly the same at every position) whether that is positive anywhere is chance; a few hybrid
+    families take the seed of an init where it is."""
 
     module: str
     build: Callable[[], nn.Module]
     size: int = 32
-    note: str = ""
+    seed: int = 0
 
 
 def _timm(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
@@ -118,11 +125,51 @@ FAMILIES: dict[str, Family] = {
     "Swin v2": Family("swin_transformer_v2", _timm("swinv2_tiny_window8_256", **_SWIN)),
     "Swin v2 CR": Family("swin_transformer_v2_cr", _timm("swinv2_cr_tiny_224", **{**_SWIN, "img_size": (32, 32)})),
     "MaxViT": Family("maxxvit", _timm("maxvit_tiny_tf_224", img_size=64), 64),
-    "CoAtNet": Family("maxxvit", _timm("coatnet_nano_rw_224", img_size=128), 128),
+    "CoAtNet": Family("maxxvit", _timm("coatnet_pico_rw_224", img_size=128), 128),
     "DaViT": Family("davit", _timm("davit_tiny", window_size=2, **_STAGES), 64),
     "MViTv2": Family("mvitv2", _mvit(), 64),
     "MViTv2 (class token)": Family("mvitv2", _mvit(use_cls_token=True), 64),
     "Hiera": Family("hiera", _timm("hiera_tiny_224", img_size=64, embed_dim=16, num_heads=1, stages=(1, 1, 1, 1)), 64),
+    "vision_attn ViT": Family("vit", _timm("va_vit_tiny_patch4_32", depth=2)),
+    "vision_attn CCT (sequence pool)": Family("vit", _timm("va_cct_2_3x2_32"), seed=1),
+    "vision_attn ResNet + BoT": Family("resnet_attn", _timm("va_resnet18_bot_32")),
+    "vision_attn ResNet + CBAM": Family("resnet_attn", _timm("va_resnet18_cbam_32"), 64),
+    "BoTNet": Family("byoanet", _timm("botnet26t_256", img_size=128), 128),
+    "HaloNet": Family("byoanet", _timm("halonet26t"), 256),
+    "LambdaNet": Family("byoanet", _timm("lambda_resnet26t", img_size=128), 128),
+    "Visformer": Family("visformer", _timm("visformer_tiny"), 224),
+    "FastViT": Family("fastvit", _timm("fastvit_sa12"), 128),
+    "DeepSeek ViT": Family("deepseek_vit", _timm("deepseek_vit_412m", **_VIT)),
+    "Gemma 4 ViT": Family("gemma4_vit", _timm("gemma4_vit_167m", **_VIT)),
+    "Qwen3 ViT": Family("qwen3_vit", _timm("qwen3_vit_88m", **_VIT)),
+    "Qwen3 ViT (merger)": Family("qwen3_vit", _timm("qwen3_vit_88m_merge", **_VIT)),
+    "CoaT": Family("coat", _timm("coat_lite_tiny", img_size=224), 224),
+    "ConViT": Family("convit", _timm("convit_tiny", **_VIT, local_up_to_layer=1), 32),
+    "CPU-Bone": Family("cpubone", _timm("cpubone_nano"), 224, seed=1),
+    "CrossViT": Family("crossvit", _timm("crossvit_tiny_240", img_size=(240, 240)), 240),
+    "CSATv2": Family("csatv2", _timm("csatv2"), 224),
+    "EdgeNeXt": Family("edgenext", _timm("edgenext_xx_small"), 224),
+    "EfficientFormer": Family("efficientformer", _timm("efficientformer_l1", img_size=224), 224, seed=2),
+    "EfficientFormer v2": Family("efficientformer_v2", _timm("efficientformerv2_s0", img_size=224), 224),
+    "EfficientViM": Family("efficientvim", _timm("efficientvim_m1"), 224),
+    "EfficientViT (MIT)": Family("efficientvit_mit", _timm("efficientvit_b0"), 224),
+    "EfficientViT (MSRA)": Family("efficientvit_msra", _timm("efficientvit_m0", img_size=224), 224),
+    "GC ViT": Family("gcvit", _timm("gcvit_xxtiny", img_size=224), 224),
+    "iFormer": Family("iformer", _timm("iformer_t"), 224),
+    "LeViT": Family("levit", _timm("levit_128s", img_size=224), 224),
+    "LowFormer": Family("lowformer", _timm("lowformer_b0"), 224, seed=2),
+    "CAFormer (MetaFormer)": Family("metaformer", _timm("caformer_s18"), 224),
+    "MobileNetV5": Family("mobilenetv5", _timm("mobilenetv5_base"), 256, seed=3),
+    "MobileViT": Family("mobilevit", _timm("mobilevit_xxs"), 224),
+    "MobileViT v2": Family("mobilevit", _timm("mobilevitv2_050"), 224),
+    "NesT": Family("nest", _timm("nest_tiny", img_size=32, patch_size=2), 32),
+    "Next-ViT": Family("nextvit", _timm("nextvit_small"), 224),
+    "SAM2 Hiera": Family("hieradet_sam2", _timm("sam2_hiera_tiny"), 128),
+    "SHViT": Family("shvit", _timm("shvit_s1"), 224),
+    "SwiftFormer": Family("swiftformer", _timm("swiftformer_xs"), 224),
+    "TinyViT": Family("tiny_vit", _timm("tiny_vit_5m_224"), 224),
+    "ViTamin": Family("vitamin", _timm("vitamin_small_224", img_size=224), 224),
+    "VOLO": Family("volo", _timm("volo_d1_224", img_size=224), 224, seed=1),
 }
 
 
@@ -145,11 +192,15 @@ def run_family(family: Family, methods: list[str] | None = None) -> dict[str, tu
     ``'constant'`` or ``'error'`` (detail: the exception)."""
     from vision_attn.explain import NotApplicableError, explain, list_methods
 
-    torch.manual_seed(0)
-    model = liven(family.build().eval())
+    torch.manual_seed(family.seed)
+    methods = methods or list_methods()
+    try:
+        model = liven(family.build().eval())
+    except Exception as err:  # a config this timm cannot build
+        return dict.fromkeys(methods, ("error", f"build: {type(err).__name__}: {err}"))
     images = torch.randn(2, 3, family.size, family.size, generator=torch.Generator().manual_seed(1))
     outcomes = {}
-    for method in methods or list_methods():
+    for method in methods:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -172,9 +223,11 @@ def sweep(names: list[str] | None = None, methods: list[str] | None = None) -> d
 
 
 def _short(reason: str) -> str:
-    """The gist of a refusal for a table cell."""
-    text = reason.split(": ", 1)[1] if reason.startswith("model ") and ": " in reason[:80] else reason
-    return text.split(";")[0].replace("|", "/")[:110]
+    """The gist of a refusal for the notes under the table (the model's class name left out, so that families with
+    the same reason share one note)."""
+    text = re.sub(r"^model \w+ \(([^)]*)\): ", r"\1: ", reason)
+    text = re.sub(r"model \w+(?:'s)? ?", "", text)
+    return text.split(";")[0].replace("|", "/").strip()
 
 
 def table(results: dict[str, dict[str, tuple[str, str]]]) -> str:
@@ -232,7 +285,25 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failures or unlisted else 0
 
 
-NOT_ATTENTION: dict[str, str] = {}
+_CNN = "a CNN: convolutions, at most channel gates (SE, ECA, global context), no token-to-token attention"
+NOT_ATTENTION: dict[str, str] = {
+    **dict.fromkeys(
+        (
+            "byobnet", "convmixer", "convnext", "cspnet", "cspnext", "densenet", "dla", "dpn", "efficientnet",
+            "fasternet", "ghostnet", "hardcorenas", "hgnet", "hrnet", "inception_next", "inception_resnet_v2",
+            "inception_v3", "inception_v4", "lcnetv2", "mobilenetv3", "nasnet", "nfnet", "pnasnet", "rdnet", "regnet",
+            "repghost", "repvit", "res2net", "resnet", "resnetv2", "rexnet", "selecsls", "senet", "starnet", "tresnet",
+            "vgg", "vovnet", "xception", "xception_aligned",
+        ),
+        _CNN,
+    ),
+    "resnest": "split attention: a softmax over channel groups (a channel gate), no token-to-token attention",
+    "sknet": "selective kernels: a softmax over kernel branches (a channel gate), no token-to-token attention",
+    "focalnet": "focal modulation: gated aggregation of convolution context, no attention probabilities",
+    "mambaout": "gated convolutions (MambaOut), no attention",
+    "mlp_mixer": "token-mixing MLPs (a fixed linear mixing per layer), no attention",
+    "sequencer": "bidirectional LSTMs over rows and columns, no attention",
+}  # fmt: skip
 
 
 def unlisted_modules() -> list[str]:

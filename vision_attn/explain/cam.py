@@ -72,7 +72,11 @@ def _feature_info_layer(model: nn.Module, images: torch.Tensor) -> tuple[nn.Modu
     if len(shape) == 4 and shape[1:3] == grid:
         return module, FeatureLayout("nhwc")
     if len(shape) == 3 and 0 <= shape[1] - grid[0] * grid[1] <= 16:
-        return module, FeatureLayout("tokens", shape[1] - grid[0] * grid[1], grid)
+        prefix = shape[1] - grid[0] * grid[1]
+        norm = getattr(module, "norm1", None)
+        if prefix > 0 and isinstance(norm, nn.Module):  # a class-token head reads nothing of the last block's patch
+            return norm, FeatureLayout("tokens", prefix, grid)  # outputs: take its input, as for ViTs
+        return module, FeatureLayout("tokens", prefix, grid)
     return None
 
 
@@ -99,8 +103,10 @@ def default_cam_layer(model: nn.Module, images: torch.Tensor) -> tuple[nn.Module
         id(sub) for m in model.modules() if hasattr(m, "fused_attn") for sub in m.modules() if sub is not m
     }
     layers: list[nn.Module] = []
+    calls: dict[int, int] = {}
 
     def hook(module: nn.Module, args: object, output: object) -> None:
+        calls[id(module)] = calls.get(id(module), 0) + 1
         if isinstance(output, torch.Tensor) and output.ndim == 4 and output.shape[-1] * output.shape[-2] > 1:
             layers.append(module)
 
@@ -112,6 +118,7 @@ def default_cam_layer(model: nn.Module, images: torch.Tensor) -> tuple[nn.Module
     finally:
         for handle in handles:
             handle.remove()
+    layers = [m for m in layers if calls[id(m)] == 1]  # a layer that runs twice has no single map
     if not layers:
         raise NotApplicableError(
             f"model {type(model).__name__} produces no 4-D feature map for Grad-CAM; pass target_layers=[module]"

@@ -410,9 +410,8 @@ def embedding_module(model: nn.Module) -> nn.Module:
     adapter = find_adapter(model)
     module = adapter.embedding(model) if adapter is not None else getattr(model, "patch_embed", None)
     if not isinstance(module, nn.Module):
-        where = f" ({adapter.family} models name none)" if adapter is not None else ""
         raise NotApplicableError(
-            f"model {type(model).__name__} has no patch_embed module{where}: relevance is read at the token embeddings "
+            f"model {type(model).__name__} has no patch_embed module: relevance is read at the token embeddings "
             "(the output of patch_embed), which transformers have; use a Grad-CAM method for a CNN"
         )
     return module
@@ -445,7 +444,8 @@ def lrp_forward(
                 "embeddings"
             )
         captured.append(tensor.detach().requires_grad_(True))
-        return (captured[-1], *output[1:]) if isinstance(output, tuple) else captured[-1]
+        start = captured[-1].clone()  # the model may modify its embeddings in place (NaFlexViT adds positions)
+        return (start, *output[1:]) if isinstance(output, tuple) else start
 
     handle = patch_embed.register_forward_hook(leaf)
     parameters = {key: value.detach() for key, value in model.named_parameters()}

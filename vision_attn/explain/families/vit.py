@@ -53,6 +53,15 @@ def _square(count: int, name: str) -> tuple[int, int]:
     return side, side
 
 
+def _backbone(model: nn.Module) -> nn.Module:
+    """The module holding ``patch_embed`` and ``blocks``: the model, or its ``encoder`` (timm's DeepSeek, Gemma 4
+    and Qwen3 vision encoders wrapped in a classifier)."""
+    encoder = getattr(model, "encoder", None)
+    if not hasattr(model, "blocks") and isinstance(encoder, nn.Module) and hasattr(encoder, "blocks"):
+        return encoder
+    return model
+
+
 class ViTAdapter(FamilyAdapter):
     """Global self-attention over ``num_prefix_tokens`` + the patch grid in every block (the fallback adapter: any
     model with ours or timm's ``Attention`` modules that no other adapter claims)."""
@@ -87,6 +96,9 @@ class ViTAdapter(FamilyAdapter):
         from vision_attn.explain.tokens import token_layout
 
         prefix, grid = token_layout(model, capture.image_size, capture.num_prefix_tokens, capture.grid_size)
+        backbone = _backbone(model)
+        if grid is None and backbone is not model:
+            prefix, grid = token_layout(backbone, capture.image_size, capture.num_prefix_tokens, capture.grid_size)
         if grid is None:
             grid = _square(count - prefix, type(model).__name__)
         tokens = TokenGrid(prefix, grid)
@@ -157,14 +169,25 @@ class ViTAdapter(FamilyAdapter):
             readout[:] = 1.0 / keys.num_tokens
         return TokenFlow(mixes, readout, family=self.family)
 
+    def embedding(self, model: nn.Module) -> nn.Module | None:
+        backbone = _backbone(model)
+        module = getattr(backbone, "patch_embed", None)
+        embeds = getattr(model, "embeds", None)  # NaFlexViT: a linear projection of the patchified image
+        if module is None and isinstance(getattr(embeds, "proj", None), nn.Module):
+            module = embeds.proj
+        return module if isinstance(module, nn.Module) else None
+
     def cam_layer(self, model: nn.Module) -> tuple[nn.Module, FeatureLayout] | None:
-        blocks = getattr(model, "blocks", None)
-        if hasattr(model, "patch_embed") and isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) > 0:
+        """The last block's ``norm1``: its input tokens (the usual choice for ViTs; a class-token head reads nothing
+        of the last block's patch outputs)."""
+        from vision_attn.explain.tokens import declared_prefix
+
+        backbone = _backbone(model)
+        blocks = getattr(backbone, "blocks", None)
+        if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) > 0:
             last = blocks[-1]
             layer = last.norm1 if isinstance(getattr(last, "norm1", None), nn.Module) else last
-            from vision_attn.explain.tokens import declared_prefix
-
-            return layer, FeatureLayout("tokens", declared_prefix(model))
+            return layer, FeatureLayout("tokens", declared_prefix(backbone))
         return None
 
 
@@ -183,6 +206,9 @@ class TNTAdapter(ViTAdapter):
 
     def matches(self, model: nn.Module) -> bool:
         return any(isinstance(m, self._block_class()) for m in model.modules())
+
+    def owners(self, model: nn.Module) -> dict[str, nn.Module]:
+        return {f"{n}.attn_out": m.attn_out for n, m in model.named_modules() if isinstance(m, self._block_class())}
 
     def skipped(self, model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
         return {
