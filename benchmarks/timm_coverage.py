@@ -82,9 +82,7 @@ FAMILIES: dict[str, Family] = {
     "ViT + registers, avg pool": Family(
         "vision_transformer", _timm("vit_tiny_patch16_224", **_VIT, reg_tokens=4, global_pool="avg")
     ),
-    "SigLIP (attention pool 'map')": Family(
-        "vision_transformer", _timm("vit_base_patch16_siglip_224", **_VIT)
-    ),
+    "SigLIP (attention pool 'map')": Family("vision_transformer", _timm("vit_base_patch16_siglip_224", **_VIT)),
     "DeiT distilled": Family("deit", _timm("deit_tiny_distilled_patch16_224", **_VIT)),
     "DeiT-III": Family("deit", _timm("deit3_small_patch16_224", **_VIT)),
     "BEiT": Family("beit", _timm("beit_base_patch16_224", **_VIT)),
@@ -101,19 +99,38 @@ FAMILIES: dict[str, Family] = {
     ),
     "SAM ViT (windows + global)": Family(
         "vision_transformer_sam",
-        _timm("samvit_base_patch16", img_size=64, patch_size=8, depth=2, embed_dim=48, num_heads=2, window_size=4,
-              global_attn_indexes=(1,), use_rel_pos=False),
+        _timm(
+            "samvit_base_patch16",
+            img_size=64,
+            patch_size=8,
+            depth=2,
+            embed_dim=48,
+            num_heads=2,
+            window_size=4,
+            global_attn_indexes=(1,),
+            use_rel_pos=False,
+        ),
         64,
     ),
     "CaiT": Family(
-        "cait", _timm("cait_xxs24_224", img_size=32, patch_size=8, depth=2, depth_token_only=1, embed_dim=48, num_heads=2)
+        "cait",
+        _timm("cait_xxs24_224", img_size=32, patch_size=8, depth=2, depth_token_only=1, embed_dim=48, num_heads=2),
     ),
-    "XCiT": Family("xcit", _timm("xcit_nano_12_p16_224", img_size=32, depth=2, embed_dim=48, num_heads=2, cls_attn_layers=1)),
-    "TNT": Family("tnt", _timm("tnt_s_patch16_224", img_size=32, depth=2, embed_dim=48, inner_dim=12,
-                              num_heads_outer=2, num_heads_inner=2)),
+    "XCiT": Family(
+        "xcit", _timm("xcit_nano_12_p16_224", img_size=32, depth=2, embed_dim=48, num_heads=2, cls_attn_layers=1)
+    ),
+    "TNT": Family(
+        "tnt",
+        _timm(
+            "tnt_s_patch16_224", img_size=32, depth=2, embed_dim=48, inner_dim=12, num_heads_outer=2, num_heads_inner=2
+        ),
+    ),
     "PiT": Family(
-        "pit", _timm("pit_ti_224", img_size=64, patch_size=8, stride=4, depth=(1, 1, 1), heads=(1, 2, 4),
-                     base_dims=(16, 16, 16)), 64,
+        "pit",
+        _timm(
+            "pit_ti_224", img_size=64, patch_size=8, stride=4, depth=(1, 1, 1), heads=(1, 2, 4), base_dims=(16, 16, 16)
+        ),
+        64,
     ),
     "Twins-SVT": Family(
         "twins", _timm("twins_svt_small", img_size=64, wss=(2, 2, 2, 2), sr_ratios=(4, 2, 1, 1), **_STAGES), 64
@@ -175,14 +192,14 @@ FAMILIES: dict[str, Family] = {
 
 def liven(model: nn.Module, seed: int = 0) -> nn.Module:
     """Raise random-init weights that would make gradients vanish: an all-zero or tiny weight matrix (a zero- or
-    1e-3-scaled classifier head) gets random values (std 0.02), an all-zero or tiny 1-D scale (LayerScale gammas at 1e-5, Swin v2's post-norm
-    weights at 0) becomes 1. Biases are left as they are. Returns ``model``."""
+    1e-3-scaled classifier head) gets random values (std 0.02); an all-zero or tiny 1-D scale (LayerScale gammas at
+    1e-5, Swin v2's post-norm weights at 0) becomes 1. Biases are left as they are. Returns ``model``."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.ndim >= 2 and param.abs().max() < 1e-3:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
-            elif param.ndim == 1 and not name.endswith("bias") and 0 < param.numel() and param.abs().max() < 1e-3:
+            elif param.ndim == 1 and not name.endswith("bias") and param.numel() > 0 and param.abs().max() < 1e-3:
                 param.fill_(1.0)
     return model
 
@@ -208,7 +225,7 @@ def run_family(family: Family, methods: list[str] | None = None) -> dict[str, tu
         except NotApplicableError as err:
             outcomes[method] = ("refused", str(err))
             continue
-        except Exception as err:  # noqa: BLE001  (every other exception is a failure the table reports)
+        except Exception as err:  # every other exception is a failure the table reports
             outcomes[method] = ("error", f"{type(err).__name__}: {err}")
             continue
         spans = (maps.flatten(1).amax(dim=1) - maps.flatten(1).amin(dim=1)).tolist()

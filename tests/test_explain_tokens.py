@@ -80,17 +80,35 @@ def _reference(model: nn.Module, x: torch.Tensor, method: str, pool: str) -> tor
     with torch.enable_grad(), AttentionRecorder(model, detach=False) as recorder:
         logits = model(x)
     attentions, sequence = recorder.attentions, recorder.pool_weights
+    sequence = None if sequence is None else sequence.detach()
     if method == "gradient_rollout":  # of the predicted classes' logits
         score = logits.gather(1, logits.argmax(dim=1, keepdim=True)).sum()
-        gradients = [g.detach() for g in torch.autograd.grad(score, attentions)]
-    attentions, sequence = [a.detach() for a in attentions], None if sequence is None else sequence.detach()
+        gradients = torch.autograd.grad(score, attentions)
+        # the layer maps as explain keeps them: relu(∇A ⊙ A) averaged over heads in the model's dtype (float32),
+        # passed as one head with unit gradients; the rollout itself runs in float64 (an average-pooled map is a
+        # small part on a uniform one, which min-max scaling magnifies)
+        fused = [
+            (g * a.detach()).clamp(min=0).mean(dim=1, keepdim=True).double() for a, g in zip(attentions, gradients)
+        ]
+        raw = gradient_rollout(
+            fused,
+            [torch.ones_like(f) for f in fused],
+            prefix,
+            pool_weights=token_pool_weights(pool, fused[0].shape[-1], prefix, sequence),
+        )
+        return _scaled(raw, x)
+    attentions = [a.detach().mean(dim=1, keepdim=True).double() for a in attentions]  # heads fused as explain does
     weights = token_pool_weights(pool, attentions[0].shape[-1], prefix, sequence)
     if method == "rollout":
         raw = attention_rollout(attentions, prefix, pool_weights=weights)
-    elif method == "attention":
-        raw = last_layer_attention(attentions, prefix, pool_weights=weights)
     else:
-        raw = gradient_rollout(attentions, gradients, prefix, pool_weights=weights)
+        raw = last_layer_attention(attentions, prefix, pool_weights=weights)
+    return _scaled(raw, x)
+
+
+def _scaled(raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Min-max scaled and upsampled like explain (the offset dropped first, so float32 keeps the small part)."""
+    raw = raw - raw.flatten(1).amin(dim=1)[:, None, None]
     return normalize_maps(upsample_maps(raw, tuple(x.shape[-2:])))
 
 

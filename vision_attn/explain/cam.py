@@ -45,17 +45,21 @@ def cam_weights(method: str, activations: torch.Tensor, gradients: torch.Tensor)
 
 
 def _feature_info_layer(model: nn.Module, images: torch.Tensor) -> tuple[nn.Module, FeatureLayout] | None:
-    """The last stage of a timm model's ``feature_info``, with its layout told from its output's shape against the
-    stage's reduction: ``[B, C, h, w]``, ``[B, h, w, C]`` or tokens ``[B, N, C]`` (``N - gh*gw`` prefix tokens)."""
+    """The last stage of a timm model's ``feature_info`` whose map has more than one location for ``images``, with
+    its layout told from its output's shape against the stage's reduction: ``[B, C, h, w]``, ``[B, h, w, C]`` or
+    tokens ``[B, N, C]`` (``N - gh*gw`` prefix tokens; a block with ``norm1`` then gives its input)."""
     info = getattr(model, "feature_info", None)
+    stages = []
     try:
-        last = info[-1] if info else None
-        module = model.get_submodule(last["module"]) if isinstance(last, dict) else None
-        reduction = int(last["reduction"]) if isinstance(last, dict) else 0
-    except (AttributeError, KeyError, TypeError, ValueError, IndexError):
+        for entry in reversed(list(info or [])):
+            grid = tuple(-(-int(size) // int(entry["reduction"])) for size in images.shape[-2:])
+            if grid[0] * grid[1] > 1:
+                stages.append((model.get_submodule(entry["module"]), grid))
+    except (AttributeError, KeyError, TypeError, ValueError):
         return None
-    if module is None or reduction <= 0:
+    if not stages:
         return None
+    module, grid = stages[0]
     outputs: list[object] = []
     handle = module.register_forward_hook(lambda m, args, out: outputs.append(out))
     try:
@@ -66,7 +70,6 @@ def _feature_info_layer(model: nn.Module, images: torch.Tensor) -> tuple[nn.Modu
     if len(outputs) != 1 or not isinstance(outputs[0], torch.Tensor):
         return None
     shape = tuple(outputs[0].shape)
-    grid = tuple(-(-int(size) // reduction) for size in images.shape[-2:])
     if len(shape) == 4 and shape[-2:] == grid:
         return module, FeatureLayout("nchw")
     if len(shape) == 4 and shape[1:3] == grid:
