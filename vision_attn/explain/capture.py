@@ -224,8 +224,8 @@ class AttentionRecorder:
     def _install_stack(self) -> None:
         roles = {id(m): (n, "owner") for n, m in self._owner_modules.items()}
         roles.update({id(m): (n, "skip") for n, m in self._skip_modules.items()})
-        for name, module in self.model.named_modules():
-            role = roles.get(id(module), (name, None))[1]
+        for path, module in self.model.named_modules():
+            name, role = roles.get(id(module), (path, None))  # an owner is recorded under the name it was given
 
             def push(module: nn.Module, args: tuple[Any, ...], name: str = name, role: str | None = role) -> None:
                 self._stack.append((name, role))
