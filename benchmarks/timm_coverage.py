@@ -176,7 +176,7 @@ FAMILIES: dict[str, Family] = {
     "LeViT": Family("levit", _timm("levit_128s", img_size=224), 224),
     "LowFormer": Family("lowformer", _timm("lowformer_b0"), 224, seed=2),
     "CAFormer (MetaFormer)": Family("metaformer", _timm("caformer_s18"), 224),
-    "MobileNetV5": Family("mobilenetv5", _timm("mobilenetv5_base"), 256, seed=3),
+    "MobileNetV5": Family("mobilenetv5", _timm("mobilenetv5_base"), 256),
     "MobileViT": Family("mobilevit", _timm("mobilevit_xxs"), 224),
     "MobileViT v2": Family("mobilevit", _timm("mobilevitv2_050"), 224),
     "NesT": Family("nest", _timm("nest_tiny", img_size=32, patch_size=2), 32),

@@ -88,7 +88,8 @@ def _reference(model: nn.Module, x: torch.Tensor, method: str, pool: str) -> tor
         # passed as one head with unit gradients; the rollout itself runs in float64 (an average-pooled map is a
         # small part on a uniform one, which min-max scaling magnifies)
         fused = [
-            (g * a.detach()).clamp(min=0).mean(dim=1, keepdim=True).double() for a, g in zip(attentions, gradients)
+            (g * a.detach()).clamp(min=0).mean(dim=1, keepdim=True).double()
+            for a, g in zip(attentions, gradients, strict=True)
         ]
         raw = gradient_rollout(
             fused,

@@ -418,7 +418,8 @@ def test_applicable_methods_agree_with_what_explain_does(name: str) -> None:
     for method, (outcome, detail) in outcomes.items():
         assert outcome in ("supported", "refused"), (name, method, outcome, detail)
         if reasons[method]:
-            assert outcome == "refused" and detail == reasons[method], (name, method)
+            assert outcome == "refused", (name, method)
+            assert detail == reasons[method], (name, method)
         elif outcome == "refused":  # a refusal found only by running: it must still say why
             assert detail, (name, method)
     token = {"rollout", "gradient_rollout", "attention"}
@@ -432,7 +433,7 @@ def test_every_timm_attention_family_is_explained_or_refused(name: str) -> None:
     for method, (outcome, detail) in run_family(FAMILIES[name]).items():
         assert outcome in ("supported", "refused"), (name, method, outcome, detail)
         if outcome == "refused":
-            assert "NotApplicable" not in detail and detail, (name, method)
+            assert detail, (name, method)
 
 
 def test_the_table_lists_every_timm_model_module() -> None:
