@@ -15,7 +15,13 @@ from torch.utils.hooks import RemovableHandle
 
 from vision_attn.layers.attention_tap import HookPoint, attention_hook_points
 
-__all__ = ["AttentionRecorder"]
+__all__ = [
+    "AttentionCall",
+    "AttentionRecorder",
+    "explicit_attention",
+    "fused_attention",
+    "gradient_weighted_attention",
+]
 
 _SOFTMAXES = frozenset({torch.softmax, F.softmax, torch.Tensor.softmax, torch.special.softmax})
 _SDPA = F.scaled_dot_product_attention
@@ -52,6 +58,81 @@ def explicit_attention(
     return torch.matmul(attn, v), probs
 
 
+def fused_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    head_fusion: str = "mean",
+    block: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention ``[X, heads, Lq, D]`` computed in blocks of ``block`` query rows: ``(output [X, heads, Lq, Dv], the
+    probabilities fused over heads [X, Lq, Lk])`` (``head_fusion``: ``'mean'``, ``'max'`` or ``'min'``). The
+    per-head probabilities of one block live only while it is computed, so this costs about 1.5 fused kernels and
+    keeps one ``[Lq, Lk]`` map per image instead of one per head."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    lq = q.shape[-2]
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    fused = q.new_empty(q.shape[0], lq, k.shape[-2])
+    queries, keys, v = (q * scale).contiguous(), k.transpose(-2, -1).contiguous(), v.contiguous()
+    reduce = {"mean": torch.mean, "max": torch.amax, "min": torch.amin}[head_fusion]
+    for start in range(0, lq, block):
+        rows = slice(start, min(start + block, lq))
+        scores = torch.matmul(queries[:, :, rows], keys)  # X, heads, b, Lk
+        if attn_mask is not None:
+            mask = attn_mask[..., rows, :] if attn_mask.shape[-2] == lq else attn_mask
+            scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask
+        probs = scores.softmax(dim=-1)
+        out[:, :, rows] = torch.matmul(probs, v)
+        reduce(probs, dim=1, out=fused[:, rows])
+    return out, fused
+
+
+def gradient_weighted_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grad_out: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    block: int = 128,
+) -> torch.Tensor:
+    """``mean_heads(relu(∇A ⊙ A))`` ``[X, Lq, Lk]`` of an attention call ``[X, heads, L, D]`` from its inputs and the
+    gradient of its output (``∇A = ∇O · Vᵀ``, as ``O = A V``), recomputed in blocks of query rows: gradient rollout's
+    layer map without keeping any per-head map (Chefer et al. 2021)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    lq = q.shape[-2]
+    fused = q.new_empty(q.shape[0], lq, k.shape[-2])
+    queries, grad_out = (q * scale).contiguous(), grad_out.contiguous()
+    keys, values = k.transpose(-2, -1).contiguous(), v.transpose(-2, -1).contiguous()
+    for start in range(0, lq, block):
+        rows = slice(start, min(start + block, lq))
+        scores = torch.matmul(queries[:, :, rows], keys)
+        if attn_mask is not None:
+            mask = attn_mask[..., rows, :] if attn_mask.shape[-2] == lq else attn_mask
+            scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask
+        weighted = torch.matmul(grad_out[:, :, rows], values).mul_(scores.softmax(dim=-1)).clamp_(min=0)
+        torch.mean(weighted, dim=1, out=fused[:, rows])
+    return fused
+
+
+class AttentionCall:
+    """One ``F.scaled_dot_product_attention`` call kept for :func:`gradient_weighted_attention`: its detached inputs,
+    mask and scale, and (once the backward pass reaches it) the gradient of its output."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, scale: float | None) -> None:
+        self.q, self.k, self.v, self.mask, self.scale = q.detach(), k.detach(), v.detach(), mask, scale
+        self.grad_out: torch.Tensor | None = None
+
+    def weighted(self) -> torch.Tensor:
+        """``mean_heads(relu(∇A ⊙ A))`` ``[X, Lq, Lk]``; ``None`` gradient (unused output): zeros."""
+        if self.grad_out is None:
+            return self.q.new_zeros(self.q.shape[0], self.q.shape[-2], self.k.shape[-2])
+        mask = self.mask.detach() if isinstance(self.mask, torch.Tensor) else None
+        return gradient_weighted_attention(self.q, self.k, self.v, self.grad_out, mask, self.scale)
+
+
 class _ProbabilityCapture(TorchFunctionMode):
     """While a token-attention module runs, hand its attention probabilities to the recorder: the output of a softmax
     over the last dimension, or, for ``F.scaled_dot_product_attention``, the probabilities of the same computation
@@ -75,7 +156,21 @@ class _ProbabilityCapture(TorchFunctionMode):
             names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
             bound = dict(zip(names, args, strict=False))
             bound.update(kwargs)
-            out, probs = explicit_attention(*(bound.pop(n) for n in names[:3]), **bound)
+            q, k, v = (bound.pop(n) for n in names[:3])
+            fuse = self.recorder.head_fusion
+            plain = not (bound.get("dropout_p") or bound.get("is_causal") or bound.get("enable_gqa"))
+            if fuse is not None and owner[0] in self.recorder.fusable and plain and q.ndim == k.ndim == 4:
+                if fuse == "gradient":  # the fused kernel runs (and its backward); the layer map comes later
+                    out = func(q, k, v, **bound)
+                    call = AttentionCall(q, k, v, bound.get("attn_mask"), bound.get("scale"))
+                    if out.requires_grad:
+                        out.register_hook(lambda grad, call=call: setattr(call, "grad_out", grad.detach()))
+                    self.recorder._capture(owner[0], call, fused=True)
+                    return out
+                out, fused = fused_attention(q, k, v, bound.get("attn_mask"), bound.get("scale"), fuse)
+                self.recorder._capture(owner[0], fused, fused=True)
+                return out
+            out, probs = explicit_attention(q, k, v, **bound)
             self.recorder._capture(owner[0], probs)
             return out
         out = func(*args, **kwargs)
@@ -116,6 +211,13 @@ class AttentionRecorder:
     ``torch.autograd.grad(score, recorder.attentions)`` gives attention gradients. ``on_attention(name, probs)``, if
     given, returns what is stored for each token-attention call instead (e.g. a head-fused map).
 
+    ``head_fusion`` (``'mean'``/``'max'``/``'min'``) with ``fusable`` owner names: those owners run their fused path,
+    and their ``F.scaled_dot_product_attention`` call ``[X, heads, L, D]`` is computed blockwise with only the
+    head-fused map ``[X, Lq, Lk]`` kept (:func:`fused_attention`; ``on_attention(name, fused, True)``): the memory
+    and time of at most one map per layer, for methods that need no per-head map and no gradient. ``head_fusion=
+    'gradient'``: the SDPA call runs as it is and an :class:`AttentionCall` is recorded instead, from which
+    :func:`gradient_weighted_attention` gives gradient rollout's layer map after the backward pass.
+
     Example::
 
         with AttentionRecorder(model) as rec:
@@ -129,13 +231,17 @@ class AttentionRecorder:
         detach: bool = True,
         owners: Mapping[str, nn.Module] | None = None,
         skip: Mapping[str, nn.Module] | None = None,
-        on_attention: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+        on_attention: Callable[..., Any] | None = None,
+        head_fusion: str | None = None,
+        fusable: frozenset[str] | set[str] = frozenset(),
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.detach = detach
         self.on_attention = on_attention
+        self.head_fusion = head_fusion
+        self.fusable = frozenset(fusable)
         skip = dict(skip or {})
         self.hook_points: list[HookPoint] = [
             p for p in attention_hook_points(model) if not (p.use_input and p.name in skip)
@@ -198,8 +304,11 @@ class AttentionRecorder:
     def _store(self, name: str, tensor: torch.Tensor) -> None:
         self._records.append((name, tensor.detach() if self.detach else tensor))
 
-    def _capture(self, name: str, probs: torch.Tensor) -> None:
-        stored = probs if self.on_attention is None else self.on_attention(name, probs)
+    def _capture(self, name: str, probs: torch.Tensor, fused: bool = False) -> None:
+        if self.on_attention is None:
+            stored = probs
+        else:
+            stored = self.on_attention(name, probs, fused) if fused else self.on_attention(name, probs)
         stored = stored.detach() if self.detach and isinstance(stored, torch.Tensor) else stored
         self._records.append((name, stored))
         self.events.append(("attention", name, stored))
@@ -253,10 +362,11 @@ class AttentionRecorder:
         self._active = True
         self.clear()
         try:
-            for module in self._owner_modules.values():
+            for name, module in self._owner_modules.items():
                 if hasattr(module, "fused_attn"):
                     self._saved_flags.append((module, module.fused_attn))
-                    module.fused_attn = False
+                    # fused maps are computed from the SDPA call, blockwise; else the explicit path
+                    module.fused_attn = self.head_fusion is not None and name in self.fusable
             for point in self.hook_points:
                 if not point.use_input:
                     self._handles.append(self._make_hook(point))

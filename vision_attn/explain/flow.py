@@ -148,11 +148,10 @@ class TokenMix:
         queries, keys = self.queries.to(r.device), self.keys.to(r.device)
         num_keys = self.keys_grid.num_tokens
         padded = torch.cat([r, r.new_zeros(batch, 1)], dim=1)  # index num_out: no token
-        rows = padded[:, queries]  # B, W, q
-        weights = weights.to(r.dtype)
+        rows = padded[:, queries].to(weights.dtype)  # B, W, q: the product in the maps' own precision
         if weights.shape[0] != batch:
             weights = weights.expand(batch, *weights.shape[1:])
-        cols = torch.einsum("bwq,bwqk->bwk", rows, weights)  # B, W, k
+        cols = torch.einsum("bwq,bwqk->bwk", rows, weights).to(r.dtype)  # B, W, k; the sum in the row's precision
         out = r.new_zeros(batch, num_keys + 1).index_add_(1, keys.flatten(), cols.flatten(1))[:, :num_keys]
         return out if self.key_sources is None else self.key_sources.apply(out)
 
@@ -176,7 +175,7 @@ class TokenMix:
         """Row sums ``[B, N_out]`` of the attention part, over real key tokens only."""
         num_keys = self.keys_grid.num_tokens
         valid = (self.keys < num_keys).to(weights.device)  # W, k
-        sums = (weights * valid[None, :, None, :]).sum(dim=-1)  # B, W, q
+        sums = weights.sum(dim=-1) if bool(valid.all()) else (weights * valid[None, :, None, :]).sum(dim=-1)
         batch, num_out = weights.shape[0], self.target.num_tokens
         out = weights.new_zeros(batch, num_out + 1)
         out.index_add_(1, self.queries.to(weights.device).flatten(), sums.flatten(1))
@@ -326,12 +325,12 @@ def flow_rollout(
         if index < start and mix.residual:
             r = mix.pass_skip(r)
             continue
-        weights = mix.weights.to(dtype)
+        weights = mix.weights
         if weights.ndim == 5:
-            weights = fuse_heads(weights, head_fusion or "mean")
+            weights = fuse_heads(weights.to(torch.promote_types(weights.dtype, torch.float32)), head_fusion or "mean")
         if discard_ratio > 0:
             weights = _discard(mix, weights, discard_ratio)
-        sums = mix.row_sums(weights)
+        sums = mix.row_sums(weights).to(dtype)
         skip_sums = mix.skip.row_sums().to(dtype).to(r.device) if mix.skip is not None else 1.0
         norm = 0.5 * sums + 0.5 * skip_sums if mix.residual else sums
         scaled = torch.where(norm > 0, r / norm.clamp(min=torch.finfo(dtype).tiny), torch.zeros_like(r))
@@ -355,7 +354,7 @@ def flow_gradient_rollout(flow: TokenFlow, start_layer: int = 0) -> torch.Tensor
         if mix.is_attention:
             index -= 1
             if index >= start or not mix.residual:
-                weights = mix.weights.to(dtype)
+                weights = mix.weights
                 if weights.ndim == 5:
                     weights = weights.mean(dim=1)
                 attended = mix.attend(r, weights)
@@ -377,9 +376,11 @@ def flow_attention(flow: TokenFlow, layer: int = -1, head_fusion: str | None = N
     r = flow.readout_rows(dtype)
     for mix in reversed(flow.mixes):
         if mix is chosen:
-            weights = mix.weights.to(dtype)
+            weights = mix.weights
             if weights.ndim == 5:
-                weights = fuse_heads(weights, head_fusion or "mean")
+                weights = fuse_heads(
+                    weights.to(torch.promote_types(weights.dtype, torch.float32)), head_fusion or "mean"
+                )
             r = mix.attend(r, weights)
         else:
             r = mix.carry(r)

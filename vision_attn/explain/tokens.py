@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from vision_attn.explain._common import NotApplicableError, check_logits, resolve_targets
-from vision_attn.explain.capture import AttentionRecorder
+from vision_attn.explain.capture import AttentionCall, AttentionRecorder
 from vision_attn.explain.flow import TokenFlow
 from vision_attn.explain.rollout import check_grid_size
 from vision_attn.layers.pooling import SequencePool
@@ -194,13 +195,20 @@ def capture_token_flow(
         raise ValueError(f"head_fusion {head_fusion!r} is unknown; expected one of ('mean', 'max', 'min')")
     batch = images.shape[0]
     pools = adapter.pools(model)
-    weights: list[torch.Tensor | None] = []
+    weights: list[Any] = []
+    layouts: list[Any] = []
     per_head_grads: list[torch.Tensor | None] = []
 
-    def on_attention(owner: str, probs: torch.Tensor) -> int:
+    def on_attention(owner: str, probs: torch.Tensor, fused: bool = False) -> int:
         layout = adapter.layout(owner)
-        attention = canonical(layout, probs.detach(), batch)  # B, heads, W, q, k (a view)
         index = len(weights)
+        layouts.append(layout)
+        if fused:  # heads fused blockwise: [X, q, k] of a 4-D layout, or an attention call weighed after backward
+            fused_map = probs if isinstance(probs, AttentionCall) else canonical(layout, probs[:, None], batch)[:, 0]
+            weights.append(fused_map)
+            per_head_grads.append(None)
+            return index
+        attention = canonical(layout, probs.detach(), batch)  # B, heads, W, q, k (a view)
         if owner in pools:
             weights.append(attention.mean(dim=1))
         elif gradients and probs.requires_grad:
@@ -221,13 +229,20 @@ def capture_token_flow(
         per_head_grads.append(None)
         return index
 
+    owners = adapter.owners(model)
+    fast = not keep_heads  # heads fused blockwise inside each SDPA call (gradients: weighed after the backward)
     recorder = AttentionRecorder(
         model,
         detach=not gradients,
-        owners=adapter.owners(model),
+        owners=owners,
         skip={n: m for n, (m, _) in adapter.skipped(model).items()},
         on_attention=on_attention,
-    )
+        head_fusion=("gradient" if gradients else head_fusion) if fast else None,
+        fusable={
+            n for n in AttentionRecorder(model, owners=owners).token_names
+            if n not in pools and isinstance(adapter.layout(n), str) and adapter.layout(n) in ("bhqk", "(bw)hqk")
+        } if fast else frozenset(),
+    )  # fmt: skip
     adapter.observe(model, recorder)
     targets = None
     if gradients:
@@ -247,8 +262,11 @@ def capture_token_flow(
         check_logits(logits, model)
         if recorder.unaccounted:
             raise NotApplicableError(_refusal(model, adapter, recorder.unaccounted))
-    for i, value in enumerate(weights):  # a layer no gradient reached (it does not affect the target)
-        if value is None:
+    for i, value in enumerate(weights):
+        if isinstance(value, AttentionCall):
+            weights[i] = canonical(layouts[i], value.weighted()[:, None], batch)[:, 0]
+            value = weights[i]
+        if value is None:  # a layer no gradient reached (it does not affect the target)
             raise NotApplicableError(f"model {name}: no gradient of the target logit reached attention call {i}")
     events = list(recorder.events)
     sequence = recorder.pool_weights

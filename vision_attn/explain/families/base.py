@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -188,9 +189,19 @@ def adapters() -> list[FamilyAdapter]:
     return [*_ADAPTERS, *_FALLBACKS]
 
 
+_FOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def find_adapter(model: nn.Module) -> FamilyAdapter | None:
-    """The adapter of ``model``'s family, or ``None`` when no adapter knows it (a CNN)."""
-    return next((a for a in adapters() if a.matches(model)), None)
+    """The adapter of ``model``'s family, or ``None`` when no adapter knows it (a CNN). Remembered per model while
+    its modules stay the same (their types, in order)."""
+    key = tuple(type(m) for m in model.modules())
+    found = _FOUND.get(model)
+    if found is not None and found[0] == key and found[1] == len(_ADAPTERS) + len(_FALLBACKS):
+        return found[2]
+    adapter = next((a for a in adapters() if a.matches(model)), None)
+    _FOUND[model] = (key, len(_ADAPTERS) + len(_FALLBACKS), adapter)
+    return adapter
 
 
 # --- geometry shared by the adapters ----------------------------------------------------------------------------
