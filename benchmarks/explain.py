@@ -1,4 +1,10 @@
-"""Benchmark attention maps: capture + rollout vs a plain forward, and batched explain() vs a per-image loop.
+"""Benchmark attention maps: the targets of the rollout family at high resolution, capture + rollout vs a plain
+forward, and batched explain() vs a per-image loop.
+
+**Targets** (issue 28; same process, a batch of 2, vs a plain forward of the same batch with the model's default
+attention): DINOv2-S with registers at its native 518 px (1,369 patch tokens): ``explain(rollout)`` <= 1.3x and
+``explain(gradient_rollout)`` <= 3x; Swin-T at 224 px: ``explain(rollout)`` <= 1.5x. Each is also measured for its
+peak memory above the forward's, in a fresh process (``ru_maxrss`` on CPU, ``max_memory_allocated`` on CUDA).
 
 For each model, on one batch of ``--batch-size`` images (random weights, eval mode, no gradients unless the
 method needs them):
@@ -13,24 +19,128 @@ Times are the best of several runs, interleaved so that load changes hit both si
 
 Run::
 
-    python benchmarks/explain.py --threads 1 # full: batch 64, best of 5; explain on 16 images
-    python benchmarks/explain.py --quick    # 16 images, 3 repeats, loop over 8 images
+    python benchmarks/explain.py --threads 2 # full: the targets, then batch 64, best of 5; explain on 16 images
+    python benchmarks/explain.py --quick    # the targets at 224 px (DINOv2: 256 tokens), 16 images, 3 repeats
+    python benchmarks/explain.py --threads 2 --write-docs   # also rewrites the explain_targets block of docs/explain.md
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import timm
 import torch
 
 import vision_attn
 from vision_attn.explain import AttentionRecorder, attention_rollout, explain
-from vision_attn.explain._common import token_layout
+from vision_attn.explain.tokens import token_layout
 
 MODELS = (("va_vit_tiny_patch4_32", 32), ("va_vit_tiny_patch16_224", 224))
+REPO = Path(__file__).resolve().parents[1]
+# (timm model, image size, quick image size, {method: target ratio to a plain forward})
+TARGETS = {
+    "DINOv2-S reg4": ("vit_small_patch14_reg4_dinov2", 518, 224, {"rollout": 1.3, "gradient_rollout": 3.0}),
+    "Swin-T": ("swin_tiny_patch4_window7_224", 224, 224, {"rollout": 1.5, "gradient_rollout": None}),
+}
+
+
+def _target_model(key: str, size: int, device: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    name = TARGETS[key][0]
+    return timm.create_model(name, img_size=size, num_classes=10).eval().to(device)
+
+
+def peak_memory(key: str, size: int, method: str, device: str) -> float:
+    """MiB that ``method`` (``'forward'`` or an explain method) needs above the process before it, measured in this
+    (fresh) process: CUDA's ``max_memory_allocated``, or the growth of the CPU process's peak resident size."""
+    model = _target_model(key, size, device)
+    x = torch.randn(2, 3, size, size, device=device)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _reset_peak_rss()
+    if method == "forward":
+        with torch.no_grad():
+            model(x)
+    else:
+        explain(model, x, method)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return _peak_rss() - base
+
+
+def _status(field: str) -> float:
+    """A ``kB`` field of ``/proc/self/status`` in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak_rss() -> float:
+    """Reset the process's peak resident size (Linux ``clear_refs``) and return the current one (MiB); elsewhere
+    return the peak so far (then only growth beyond it is seen)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status("VmRSS")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak_rss() -> float:
+    try:
+        return _status("VmHWM")
+    except (OSError, RuntimeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak_in_fresh_process(key: str, size: int, method: str, device: str, threads: int) -> float:
+    code = (
+        f"import sys, torch; sys.path.insert(0, 'benchmarks'); torch.set_num_threads({threads}); import explain as b; "
+        f"print(b.peak_memory({key!r}, {size}, {method!r}, {device!r}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def bench_targets(quick: bool, device: str, repeats: int) -> list[str]:
+    """Rows of the targets table: each method's time against a plain forward (best of ``repeats``, interleaved) and
+    its peak memory above the forward's."""
+    rows = []
+    for key, (_, size, quick_size, targets) in TARGETS.items():
+        size = quick_size if quick else size
+        model = _target_model(key, size, device)
+        x = torch.randn(2, 3, size, size, device=device)
+        tokens = model.patch_embed.grid_size
+        methods = [m for m in targets if targets[m] is not None or not quick]
+
+        def forward(model: torch.nn.Module = model, x: torch.Tensor = x) -> None:
+            with torch.no_grad():
+                model(x)
+
+        runs = [lambda m=m, model=model, x=x: explain(model, x, m) for m in methods]
+        times = _best_times([forward, *runs], repeats)
+        threads = torch.get_num_threads()
+        memory = {m: _peak_in_fresh_process(key, size, m, device, threads) for m in ["forward", *methods]}
+        for method, seconds in zip(methods, times[1:], strict=True):
+            ratio, target = seconds / times[0], targets[method]
+            verdict = "—" if target is None else ("met" if ratio <= target else "MISSED") + f" (<= {target})"
+            rows.append(
+                f"| {key} | {size} | {tokens[0] * tokens[1]} | {method} | {times[0] * 1e3:.0f} ms | "
+                f"{seconds * 1e3:.0f} ms | x{ratio:.2f} | {verdict} | {memory['forward']:.0f} MiB | "
+                f"{memory[method]:.0f} MiB |"
+            )
+    return rows
 
 
 def _best_times(fns: list[Callable[[], object]], repeats: int) -> list[float]:
@@ -84,9 +194,11 @@ def bench_model(name: str, size: int, batch_size: int, loop_images: int, repeats
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print the benchmark table (markdown); returns 0."""
+    """Print the benchmark tables (markdown); returns 0."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="16 images, 3 repeats, loop over 8 images")
+    parser.add_argument("--quick", action="store_true", help="targets at 224 px, 16 images, 3 repeats, loop over 8")
+    parser.add_argument("--write-docs", action="store_true", help="write the targets table into docs/explain.md")
+    parser.add_argument("--skip-targets", action="store_true", help="only the capture and batching tables")
     parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default 64, quick 16)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
@@ -97,7 +209,22 @@ def main(argv: list[str] | None = None) -> int:
     loop_images = min(batch_size, 8 if args.quick else 16)
     repeats = 3 if args.quick else 5
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
-    print(f"device: {args.device} ({device_name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
+    header = f"device: {args.device} ({device_name}), torch {torch.__version__}, threads {torch.get_num_threads()}"
+    print(header)
+    if not args.skip_targets:
+        lines = [
+            "| model | img | tokens | method | forward | method | ratio | target | peak memory: forward | method |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            *bench_targets(args.quick, args.device, repeats),
+        ]
+        print("\n".join(lines), flush=True)
+        if args.write_docs and not args.quick:
+            from _machine import write_block
+
+            threads = torch.get_num_threads()
+            footer = f"\n\n{header}; made by `python benchmarks/explain.py --threads {threads} --write-docs`."
+            write_block("explain_targets", "\n".join(lines) + footer, [REPO / "docs" / "explain.md"])
+    print()
     print("| model | img | measure | images | first | second | ratio |")
     print("|---|---|---|---|---|---|---|")
     for name, size in MODELS:

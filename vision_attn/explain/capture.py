@@ -124,6 +124,7 @@ class AttentionCall:
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, scale: float | None) -> None:
         self.q, self.k, self.v, self.mask, self.scale = q.detach(), k.detach(), v.detach(), mask, scale
         self.grad_out: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None  # the call's output in the graph (while the forward pass runs)
 
     def weighted(self) -> torch.Tensor:
         """``mean_heads(relu(∇A ⊙ A))`` ``[X, Lq, Lk]``; ``None`` gradient (unused output): zeros."""
@@ -165,6 +166,7 @@ class _ProbabilityCapture(TorchFunctionMode):
                     call = AttentionCall(q, k, v, bound.get("attn_mask"), bound.get("scale"))
                     if out.requires_grad:
                         out.register_hook(lambda grad, call=call: setattr(call, "grad_out", grad.detach()))
+                        call.output = out
                     self.recorder._capture(owner[0], call, fused=True)
                     return out
                 out, fused = fused_attention(q, k, v, bound.get("attn_mask"), bound.get("scale"), fuse)

@@ -197,6 +197,7 @@ def capture_token_flow(
     pools = adapter.pools(model)
     weights: list[Any] = []
     layouts: list[Any] = []
+    first_in_graph: list[torch.Tensor] = []
     per_head_grads: list[torch.Tensor | None] = []
 
     def on_attention(owner: str, probs: torch.Tensor, fused: bool = False) -> int:
@@ -204,6 +205,8 @@ def capture_token_flow(
         index = len(weights)
         layouts.append(layout)
         if fused:  # heads fused blockwise: [X, q, k] of a 4-D layout, or an attention call weighed after backward
+            if isinstance(probs, AttentionCall) and probs.output is not None and not first_in_graph:
+                first_in_graph.append(probs.output)
             fused_map = probs if isinstance(probs, AttentionCall) else canonical(layout, probs[:, None], batch)[:, 0]
             weights.append(fused_map)
             per_head_grads.append(None)
@@ -212,6 +215,8 @@ def capture_token_flow(
         if owner in pools:
             weights.append(attention.mean(dim=1))
         elif gradients and probs.requires_grad:
+            if not first_in_graph:
+                first_in_graph.append(probs)
             weights.append(attention if keep_heads else None)
             per_head_grads.append(None)
 
@@ -254,7 +259,9 @@ def capture_token_flow(
             if recorder.unaccounted:
                 raise NotApplicableError(_refusal(model, adapter, recorder.unaccounted))
             score = logits.gather(1, targets[:, None]).sum()  # images are independent: d(sum)/dA_b = d(logit_b)/dA_b
-            torch.autograd.grad(score, leaf, allow_unused=True)
+            # the backward needs to reach the first attention call only (its hooks and those above it fire)
+            first = next((t for t in first_in_graph if t.requires_grad), leaf)
+            torch.autograd.grad(score, first, allow_unused=True)
         logits = logits.detach()
     else:
         with torch.no_grad(), recorder:
