@@ -242,7 +242,7 @@ def sweep(names: list[str] | None = None, methods: list[str] | None = None) -> d
 def _short(reason: str) -> str:
     """The gist of a refusal for the notes under the table (the model's class name left out, so that families with
     the same reason share one note)."""
-    text = re.sub(r"^model \w+ \(([^)]*)\): ", r"\1: ", reason)
+    text = re.sub(r"^model \w+ \((.+?)\): ", r"\1: ", reason)
     text = re.sub(r"model \w+(?:'s)? ?", "", text)
     return text.split(";")[0].replace("|", "/").strip()
 

@@ -445,3 +445,13 @@ def test_families_are_found_from_the_model_not_named() -> None:
     assert find_adapter(_model("Swin")).family == "Swin"
     assert find_adapter(_model("ViT (class token)")).family == "ViT"
     assert find_adapter(timm.create_model("resnet10t")) is None
+
+
+def test_docs_carry_the_generated_blocks() -> None:
+    text = (REPO / "docs" / "explain.md").read_text()
+    for name in ("timm_coverage", "explain_targets"):
+        assert f"<!-- {name}:start -->" in text, name
+        assert f"<!-- {name}:end -->" in text, name
+    block = text.split("<!-- timm_coverage:start -->")[1].split("<!-- timm_coverage:end -->")[0]
+    assert all(f"| {name} |" in block for name in FAMILIES)
+    assert "(docs/explain.md#model-families)" in (REPO / "README.md").read_text()
