@@ -214,10 +214,10 @@ API_CASES = {
         ValueError,
         r"batch_size must be an int >= 1, got 0",
     ),
-    "rollout on max pooling": (  # attention pooling ('map') is read since issue 28
-        lambda m, t: explain(_timm_vit(global_pool="max"), torch.randn(1, 3, 32, 32), "rollout"),
+    "rollout on avgmax pooling": (  # attention pooling ('map') is read since issue 28
+        lambda m, t: explain(_timm_vit(global_pool="avgmax"), torch.randn(1, 3, 32, 32), "rollout"),
         ValueError,
-        r"pools its tokens by global_pool='max'",
+        r"pools its tokens by global_pool='avgmax'",
     ),
     "rollout on max pooling": (
         lambda m, t: explain(_timm_vit(global_pool="max"), torch.randn(1, 3, 32, 32), "attention"),

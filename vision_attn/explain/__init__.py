@@ -10,6 +10,8 @@ from vision_attn.explain._common import NotApplicableError, unwrap_model
 from vision_attn.explain.api import attention_gradients, explain, record_attentions
 from vision_attn.explain.cam import CAM_METHODS, grad_cam
 from vision_attn.explain.capture import AttentionRecorder
+from vision_attn.explain.families import find_adapter, register_adapter
+from vision_attn.explain.flow import TokenFlow, TokenMix
 from vision_attn.explain.metrics import deletion_auc, energy_pointing, insertion_auc, pointing_game, random_maps
 from vision_attn.explain.registry import (
     NEEDS,
@@ -29,7 +31,13 @@ from vision_attn.explain.rollout import (
     token_pool_weights,
     tokens_to_grid,
 )
-from vision_attn.explain.tokens import TokenAttention, capture_token_attention, token_layout, token_pool
+from vision_attn.explain.tokens import (
+    TokenAttention,
+    capture_token_attention,
+    capture_token_flow,
+    token_layout,
+    token_pool,
+)
 
 __all__ = [
     "CAM_METHODS",
@@ -40,13 +48,17 @@ __all__ = [
     "ExplainMethod",
     "NotApplicableError",
     "TokenAttention",
+    "TokenFlow",
+    "TokenMix",
     "applicable_methods",
     "attention_gradients",
     "attention_rollout",
     "capture_token_attention",
+    "capture_token_flow",
     "deletion_auc",
     "energy_pointing",
     "explain",
+    "find_adapter",
     "fuse_heads",
     "get_method",
     "grad_cam",
@@ -57,6 +69,7 @@ __all__ = [
     "pointing_game",
     "random_maps",
     "record_attentions",
+    "register_adapter",
     "register_method",
     "token_layout",
     "token_pool",

@@ -161,6 +161,23 @@ def _refusal(model: nn.Module, adapter: object, unaccounted: list[tuple[str, str
     )
 
 
+def _check_token_options(
+    model: nn.Module, flow: TokenFlow, num_prefix_tokens: int | None, grid_size: int | Sequence[int] | None
+) -> None:
+    """``num_prefix_tokens`` / ``grid_size`` a user gave must match the finest tokens the adapter found."""
+    finest = flow.finest
+    if num_prefix_tokens is not None and num_prefix_tokens != finest.num_prefix_tokens:
+        raise ValueError(
+            f"num_prefix_tokens {num_prefix_tokens!r} does not match model {type(model).__name__}, whose maps are read "
+            f"on {finest.num_prefix_tokens} prefix tokens and a {finest.grid} grid; leave it out"
+        )
+    if grid_size is not None and check_grid_size(grid_size) != finest.grid:
+        raise ValueError(
+            f"grid_size {grid_size!r} does not match the token grid {finest.grid} of model {type(model).__name__}; "
+            "leave it out"
+        )
+
+
 def capture_token_flow(
     model: nn.Module,
     images: torch.Tensor,
@@ -281,6 +298,7 @@ def capture_token_flow(
         batch, tuple(images.shape[-2:]), num_prefix_tokens, grid_size, None if sequence is None else sequence.detach()
     )
     flow = adapter.describe(model, events, weights, capture)
+    _check_token_options(model, flow, num_prefix_tokens, grid_size)
     flow.logits, flow.targets = logits, targets
     flow.skipped = {n: reason for n, (_, reason) in adapter.skipped(model).items()}
     if keep_heads and gradients:

@@ -3,8 +3,9 @@
 Models keep no attention tensors. A module that computes an attention/gate map passes it through a no-op
 module, and :class:`vision_attn.explain.AttentionRecorder` hooks that module:
 
-* token attention (ViT ``Attention`` here and in timm): the input of ``attn_drop`` on the explicit
-  (non-fused) path, i.e. the post-softmax probabilities ``[B, heads, N, N]``;
+* token attention (ViT ``Attention`` here and in timm, and the modules a family adapter of
+  :mod:`vision_attn.explain.families` names): the post-softmax probabilities ``[B, heads, N, N]``, taken from the
+  module's softmax over the keys or its ``F.scaled_dot_product_attention`` call while it runs;
 * anything else (CNN gates, spatial maps, conv-attention probabilities, token-pooling weights): the output of
   an :class:`AttentionTap` placed where the map is computed.
 
