@@ -71,7 +71,10 @@ def explain(
     against it when given). ``target``: ``None`` = the predicted class, an int for all images, or one per image
     (class-agnostic methods ignore it).
 
-    Each map is min-max scaled per image and bilinearly upsampled to the image size. ``DataParallel`` /
+    Token methods read any transformer family an adapter of :mod:`vision_attn.explain.families` describes (plain
+    ViTs, attention-pool heads, class attention, windowed and hierarchical models; the maps lie on the finest token
+    grid); ``applicable_methods(model)`` says which apply and why the others do not. Each map is min-max scaled per
+    image and bilinearly upsampled to the image size. ``DataParallel`` /
     ``DistributedDataParallel`` / ``torch.compile`` wrappers are unwrapped; images are moved to the model's device
     and dtype (the maps come back float32 on the images' device). The model is explained in eval mode: a model in
     train mode gets a ``UserWarning`` and is put back in train mode afterwards; nothing else changes (no ``.grad``
