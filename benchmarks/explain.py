@@ -21,29 +21,15 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
-from collections.abc import Callable
 
 import torch
+from _timing import interleaved_times  # benchmarks/ is on sys.path when run
 
 import vision_attn
 from vision_attn.explain import AttentionRecorder, attention_rollout, explain
-from vision_attn.explain._common import token_layout
+from vision_attn.explain.tokens import token_layout
 
 MODELS = (("va_vit_tiny_patch4_32", 32), ("va_vit_tiny_patch16_224", 224))
-
-
-def _best_times(fns: list[Callable[[], object]], repeats: int) -> list[float]:
-    """Best-of-``repeats`` seconds per function, runs interleaved so that load changes hit all alike."""
-    for fn in fns:
-        fn()  # warm-up
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, runs in zip(fns, times, strict=True):
-            start = time.perf_counter()
-            fn()
-            runs.append(time.perf_counter() - start)
-    return [min(runs) for runs in times]
 
 
 def bench_model(name: str, size: int, batch_size: int, loop_images: int, repeats: int, device: str) -> list[str]:
@@ -62,19 +48,21 @@ def bench_model(name: str, size: int, batch_size: int, loop_images: int, repeats
             model(x)
         attention_rollout(rec.attentions, num_prefix_tokens=num_prefix, grid_size=grid)
 
-    t_fwd, t_cap = _best_times([forward, capture_rollout], repeats)
+    t_fwd, t_cap = interleaved_times([forward, capture_rollout], repeats, device, reduce=min)
     rows = [
         f"| {name} | {size} | forward / capture+rollout | {batch_size} | {t_fwd * 1e3:.1f} ms | "
         f"{t_cap * 1e3:.1f} ms | overhead x{t_cap / t_fwd:.2f} |"
     ]
     sub = x[:loop_images]
     for method in ("rollout", "gradient_rollout"):
-        t_batch, t_loop = _best_times(
+        t_batch, t_loop = interleaved_times(
             [
                 lambda m=method: explain(model, sub, method=m),
                 lambda m=method: [explain(model, sub[i : i + 1], method=m) for i in range(len(sub))],
             ],
             2,
+            device,
+            reduce=min,
         )
         rows.append(
             f"| {name} | {size} | explain({method}) batched / loop | {len(sub)} | {t_batch * 1e3:.1f} ms | "

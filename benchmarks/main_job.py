@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 from _machine import REPO, docs_allowed, publish, settle, write_block  # benchmarks/ is on sys.path when run
+from _timing import timed
 
 from vision_attn._io import atomic_write_bytes, atomic_write_text
 
@@ -45,9 +46,8 @@ METHODS = ("rollout", "gradient_rollout", "attention", "random")
 def run(cmd: list[str]) -> float:
     """Run ``cmd`` in the repository with albumentations kept offline; returns its wall time in seconds."""
     print("$", " ".join(cmd), flush=True)
-    start = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
-    return time.perf_counter() - start
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    return timed(lambda: subprocess.run(cmd, cwd=REPO, check=True, env=env))
 
 
 def main_job(extra: list[str], run_dir: Path = RUN_DIR) -> dict[str, Any]:

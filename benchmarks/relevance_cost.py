@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from functools import partial
 
 import timm
 import torch
+from _timing import interleaved_times  # benchmarks/ is on sys.path when run
 from torch import nn
 
 import vision_attn
@@ -56,19 +55,6 @@ def _models(quick: bool) -> list[tuple[str, Callable[[], nn.Module], tuple[int, 
     ]
 
 
-def median_times(fns: list[Callable[[], object]], repeats: int) -> list[float]:
-    """Median seconds per function over ``repeats`` interleaved rounds (after one warm-up round)."""
-    for fn in fns:
-        fn()
-    runs: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, times in zip(fns, runs, strict=True):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return [statistics.median(times) for times in runs]
-
-
 def bench(label: str, model: nn.Module, x: torch.Tensor, repeats: int) -> list[str]:
     """Markdown rows ``| model | images | method | forward | method | ratio |`` for one model."""
     targets = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
@@ -79,7 +65,7 @@ def bench(label: str, model: nn.Module, x: torch.Tensor, repeats: int) -> list[s
 
     rows = []
     for name, method in METHODS.items():
-        t_forward, t_method = median_times([forward, lambda m=method: m(model, x, targets)], repeats)
+        t_forward, t_method = interleaved_times([forward, lambda m=method: m(model, x, targets)], repeats, x.device)
         rows.append(
             f"| {label} | {x.shape[0]} x {'x'.join(map(str, x.shape[1:]))} | {name} | {t_forward * 1e3:.1f} ms | "
             f"{t_method * 1e3:.1f} ms | x{t_method / t_forward:.2f} |"
