@@ -104,6 +104,13 @@ def test_fit_resume_export_and_reload(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(x), module(x))
     assert (run_folder(tmp_path) / "export" / "model.json").is_file()  # the ExportBackbone callback's own export
+    # the eval preprocessing validation used is recorded with the checkpoint and the export, and read back
+    recorded = {"input_size": [1, 64, 64], "crop_pct": 1.0, "interpolation": "bilinear", "crop_mode": "center"}
+    assert {k: ckpt["vision_attn"][k] for k in recorded} == {**recorded, "input_size": (1, 64, 64)}
+    config = json.loads((run_folder(tmp_path) / "export" / "config.json").read_text())["pretrained_cfg"]
+    assert {k: config[k] for k in recorded} == recorded
+    _, info = vision_attn.load_trained(run_folder(tmp_path) / "export")
+    assert vision_attn.resolve_data_config(model, info)["mean"] == pytest.approx((0.1198,))
 
 
 @pytest.mark.parametrize(
