@@ -1,36 +1,20 @@
-"""The one timing helper of the benchmark scripts (run them as scripts; benchmarks/ is then on ``sys.path``).
+"""The timing helpers of the benchmark scripts (run them as scripts; benchmarks/ is then on ``sys.path``).
 
 GPU work is asynchronous: a clock read right after a kernel launch measures the launch, not the work. Every timing
-here synchronizes the device before starting and before stopping the clock (CUDA and MPS; a no-op on CPU).
+here goes through :func:`vision_attn._timing.timed`, which synchronizes the device before starting and before
+stopping the clock (CUDA and MPS; nothing to wait for on the CPU).
 """
 
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable, Sequence
 
 import torch
 
+from vision_attn._timing import synchronize, timed
+
 __all__ = ["interleaved_times", "synchronize", "time_inference", "time_training", "timed"]
-
-
-def synchronize(device: torch.device | str | None = None) -> None:
-    """Wait until ``device`` (CUDA or MPS) has finished its queued work; nothing on the CPU."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if device.type == "cuda" and torch.cuda.is_available():
-        torch.cuda.synchronize(device)
-    elif device.type == "mps" and torch.backends.mps.is_available():
-        torch.mps.synchronize()
-
-
-def timed(fn: Callable[[], object], device: torch.device | str | None = None) -> float:
-    """Seconds that ``fn()`` takes, with ``device`` synchronized before the start and before the stop."""
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 def interleaved_times(

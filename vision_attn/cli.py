@@ -6,10 +6,11 @@ import os
 import pickle
 import sys
 
-USAGE = """usage: vision-attn {fit,validate,test,predict,explain,export,models,methods} ...
+USAGE = """usage: vision-attn {fit,validate,test,predict,explain,evaluate-maps,export,models,methods} ...
 
   fit|validate|test|predict   train / evaluate with LightningCLI (same as python train.py ...)
   explain                     write attention-map overlays and scores for images
+  evaluate-maps               score every explain method on images with boxes / masks (+ sanity checks, cost)
   export                      write a trained model as a timm/HF folder, ONNX, TorchScript or .pt2
   models [PATTERN]            list the registered model names
   methods [--plugin MODULE]   list the explain methods (what each needs, its options), as a markdown table
@@ -54,6 +55,10 @@ def _dispatch(argv: list[str]) -> int:
             raise ValueError(f"vision-attn methods takes no arguments but --plugin MODULE, got {rest}")
         print(registry.methods_markdown())
         return 0
+    if command == "evaluate-maps":
+        from vision_attn.explain.evaluate_cli import main as evaluate_main
+
+        return evaluate_main(rest)
     if command == "explain":
         from vision_attn.explain.cli import main as explain_main
 
