@@ -22,7 +22,7 @@ from vision_attn.explain.registry import _METHODS, methods_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILT_IN = ("rollout", "gradient_rollout", "transformer_attribution", "attnlrp", "attention", "gradcam", "gradcam++",
-            "layercam", "spatial", "random")  # fmt: skip
+            "layercam", "spatial", "integrated_gradients", "saliency", "random")  # fmt: skip
 
 
 def brightness(model: torch.nn.Module, images: torch.Tensor, target=None, channel: int = 0) -> torch.Tensor:

@@ -22,6 +22,12 @@ def unmet_need(need: str, model: nn.Module, method: str) -> str:
                 "embeddings (the output of patch_embed), which ViT-family models have; use a Grad-CAM method for a CNN"
             )
         return ""
+    if need == "captum":
+        import importlib.util
+
+        if importlib.util.find_spec("captum") is None:
+            return f"method {method!r} runs captum, which is not installed: pip install 'vision_attn[references]'"
+        return ""
     if need == "spatial_attention":
         recorder = AttentionRecorder(model)
         kinds = {kind for name, kind in recorder.kinds.items() if name not in recorder.token_names}

@@ -66,33 +66,48 @@ def spearman(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     return torch.where(denominator > 0, (a * b).sum(dim=1) / denominator.clamp(min=1e-300), 0.0).float()
 
 
-def cascade_groups(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
+def cascade_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
     """The model's top-level parts from the output back to the input, as Adebayo et al. randomise them: the head
     first, then each block of a block list (``blocks``, ``layers``, ``stages``, a ResNet's ``layer4``...) from the last,
-    down to the embedding; parts without parameters are left out. Returns ``[(name, modules)]``."""
-    groups: list[tuple[str, list[nn.Module]]] = []
-    for name, child in reversed(list(unwrap_model(model).named_children())):
+    down to the embedding, which also takes the parameters the model holds itself (position embedding, class and
+    register tokens); parts without parameters are left out. Returns ``[(name, [dotted names of its submodules and
+    parameters])]``."""
+    model = unwrap_model(model)
+    groups: list[tuple[str, list[str]]] = []
+    for name, child in reversed(list(model.named_children())):
         if isinstance(child, _CONTAINERS) and len(child) > 1:
             parts = [(f"{name}.{i}", block) for i, block in enumerate(child)]
-            groups += [(part, [block]) for part, block in reversed(parts) if any(True for _ in block.parameters())]
+            groups += [(part, [part]) for part, block in reversed(parts) if any(True for _ in block.parameters())]
         elif any(True for _ in child.parameters()):
-            groups.append((name, [child]))
+            groups.append((name, [name]))
+    own = [name for name, _ in model.named_parameters(recurse=False)]
+    if own and groups:
+        groups[-1] = (groups[-1][0], [*groups[-1][1], *own])
+    elif own:
+        groups.append(("parameters", own))
     return groups
 
 
-def _reinitialize(module: nn.Module, generator: torch.Generator) -> None:
-    """Re-initialise every parameter of ``module``: by its submodules' own ``reset_parameters`` (timm and PyTorch
-    layers), the rest (position embeddings, class tokens, LayerScale) from N(0, 0.02^2); buffers such as BatchNorm
-    statistics are reset too."""
+def _reinitialize(model: nn.Module, names: list[str], generator: torch.Generator) -> None:
+    """Re-initialise the submodules and parameters ``names`` of ``model``: submodules by their own
+    ``reset_parameters`` (timm and PyTorch layers; BatchNorm statistics reset too), every other parameter
+    (position embeddings, class tokens, LayerScale) from N(0, 0.02^2)."""
+    params: list[torch.Tensor] = []
     covered: set[int] = set()
-    for sub in module.modules():
-        for reset in ("reset_parameters", "reset_running_stats"):
-            if callable(getattr(sub, reset, None)):
-                getattr(sub, reset)()
-        if callable(getattr(sub, "reset_parameters", None)):
-            covered |= {id(p) for p in sub.parameters(recurse=False)}
+    for name in names:
+        if name in dict(model.named_parameters()):
+            params.append(model.get_parameter(name))
+            continue
+        module = model.get_submodule(name)
+        params += list(module.parameters())
+        for sub in module.modules():
+            for reset in ("reset_parameters", "reset_running_stats"):
+                if callable(getattr(sub, reset, None)):
+                    getattr(sub, reset)()
+            if callable(getattr(sub, "reset_parameters", None)):
+                covered |= {id(p) for p in sub.parameters(recurse=False)}
     with torch.no_grad():
-        for param in module.parameters():
+        for param in params:
             if id(param) not in covered:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
 
@@ -107,9 +122,8 @@ def randomized_copy(model: nn.Module, depth: int, seed: int = 0) -> nn.Module:
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for _, modules in groups[:depth]:
-            for module in modules:
-                _reinitialize(module, generator)
+        for _, names in groups[:depth]:
+            _reinitialize(copied, names, generator)
     return copied
 
 
