@@ -56,6 +56,11 @@ def decode_image(encoded: dict[str, Any] | bytes, where: str) -> Image.Image:
     return image
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.endswith(".parquet") or Path(name).expanduser().exists()
 
@@ -131,11 +136,12 @@ class HFSource:
                 loaded = datasets.load_dataset(self.hf_name, self.hf_config, cache_dir=self.cache_dir,
                                                streaming=streaming)  # fmt: skip
         except (FileNotFoundError, ConnectionError) as err:
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise FileNotFoundError(
-                f"{self.where} could not be loaded ({first_line}); expected a Hub dataset name (needs a network "
-                "or the datasets cache), a save_to_disk folder or parquet files"
+                f"{self.where} could not be loaded ({_first_line(err)}); expected a Hub dataset name (needs a "
+                "network or the datasets cache), a save_to_disk folder or parquet files"
             ) from err
+        except ValueError as err:  # e.g. an empty or unreadable data file, a missing config name
+            raise ValueError(f"{self.where} could not be loaded: {_first_line(err)}") from err
         if not isinstance(loaded, datasets.DatasetDict | datasets.IterableDatasetDict):
             loaded = {"train": loaded}
         self._opened[streaming] = loaded
