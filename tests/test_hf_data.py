@@ -37,6 +37,12 @@ def hf_module(hf_name: Path | str, **kwargs) -> ImageDataModule:
     return ImageDataModule(**kwargs)
 
 
+def set_up(hf_name: Path | str, **kwargs) -> ImageDataModule:
+    dm = hf_module(hf_name, **kwargs)
+    dm.setup("fit")
+    return dm
+
+
 def test_classes_columns_and_labels_come_from_the_features(hf_disk: Path, tmp_path: Path) -> None:
     dm = hf_module(hf_disk, data_dir=str(tmp_path / "cache"))
     assert dm.num_classes == 10
@@ -97,7 +103,7 @@ def bad_datasets(tmp_path_factory: pytest.TempPathFactory, hf_disk: Path) -> dic
     paths = {"good": hf_disk, "missing": root / "missing"}
     for name, data in {
         "int_labels": embedded_split("train", 8, label_dtype="int"),
-        "two_labels": embedded_split("train", 8).add_column("coarse", [0] * 8, feature=datasets.ClassLabel(names=["a"])),
+        "two_labels": embedded_split("train", 8).add_column("coarse", [0] * 8, feature=datasets.ClassLabel(["a"])),
         "no_image": datasets.Dataset.from_dict({"pixels": [b"x"] * 2, "label": [0, 1]},
                                                features=datasets.Features({"pixels": datasets.Value("binary"),
                                                                            "label": labels})),
@@ -115,7 +121,7 @@ def bad_datasets(tmp_path_factory: pytest.TempPathFactory, hf_disk: Path) -> dic
         ("good", {"image_column": "picture"}, ValueError, r"data.image_column 'picture' is not a column of .*image"),
         ("good", {"label_column": "fine"}, ValueError, r"data.label_column 'fine' is not a column"),
         ("good", {"image_column": "label"}, ValueError, r"data.image_column 'label' .* ClassLabel column; expected an"),
-        ("good", {"train_split": "training"}, ValueError, r"data.train_split 'training' is not a split of .*: train, te"),
+        ("good", {"train_split": "training"}, ValueError, r"train_split 'training' is not a split of .*: train, te"),
         ("good", {"val_split": "dev"}, ValueError, r"data.val_split 'dev' is not a split"),
         ("int_labels", {}, ValueError, r"no ClassLabel column .*set data.label_column"),
         ("int_labels", {"label_column": "label"}, ValueError, r"'label' .* Value column without class names"),
@@ -127,13 +133,12 @@ def bad_datasets(tmp_path_factory: pytest.TempPathFactory, hf_disk: Path) -> dic
 )
 def test_bad_input_names_the_option_and_value(bad_datasets, tmp_path, case, kwargs, error, message) -> None:
     with pytest.raises(error, match=message) as err:
-        dm = hf_module(bad_datasets[case], data_dir=str(tmp_path), **kwargs)
-        dm.setup("fit")
+        set_up(bad_datasets[case], data_dir=str(tmp_path), **kwargs)
     assert "\n" not in str(err.value)
 
 
 def test_hf_name_is_required() -> None:
-    with pytest.raises(ValueError, match="data.hf_name is required for data.name 'hf'"):
+    with pytest.raises(ValueError, match=r"data.hf_name is required for data.name 'hf'"):
         ImageDataModule("hf")
 
 

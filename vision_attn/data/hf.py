@@ -51,7 +51,7 @@ def decode_image(encoded: dict[str, Any] | bytes, where: str) -> Image.Image:
                 data = f.read()
         image = Image.open(io.BytesIO(data))
         image.load()
-    except (OSError, ValueError, TypeError, KeyError) as err:  # PIL.UnidentifiedImageError is an OSError
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError) as err:  # PIL: OSError, SyntaxError (bad PNG)
         raise ValueError(f"{where} is not a readable image: {err}") from err
     return image
 

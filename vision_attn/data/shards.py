@@ -18,6 +18,7 @@ import contextlib
 import io
 import json
 import os
+import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -309,8 +310,13 @@ class ImageShards(litdata.StreamingDataset):
 
     def __getitem__(self, index: Any) -> tuple[torch.Tensor, int]:
         """``(image [C, H, W], label)`` of item ``index`` (LitData's ``ChunkedIndex`` or a global index)."""
-        item = super().__getitem__(index)
-        image = decode_image(item["image"], f"item {getattr(index, 'index', index)} of {self.where}")
+        where = f"item {getattr(index, 'index', index)} of {self.where}"
+        try:
+            item = super().__getitem__(index)
+        except (struct.error, OSError, ValueError, IndexError, KeyError, TypeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{where} is unreadable ({type(err).__name__}: {err}); the shards are corrupt: rewrite "
+                             "them with vision-attn shard") from err  # fmt: skip
+        image = decode_image(item["image"], where)
         return self.image_transform(image=to_uint8_array(image, self.in_chans))["image"], int(item["label"])
 
 
