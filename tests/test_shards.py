@@ -214,7 +214,7 @@ def test_two_process_ddp_on_shards_reads_distinct_samples(shards: Path, tmp_path
                f"--trainer.callbacks+={callback}"]  # fmt: skip
     env = {**run_env(), "PYTHONPATH": f"{REPO / 'tests'}:{REPO}"}
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[:6000]
     seen = [json.loads((record / f"rank{rank}.json").read_text()) for rank in range(2)]
     everything = {d for d, _ in items_of(shard_module(shards).train_set)}
     for epoch in ("0", "1"):

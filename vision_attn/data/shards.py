@@ -29,7 +29,8 @@ os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")  # never ask PyPI fo
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 try:
     import litdata
@@ -48,6 +49,7 @@ __all__ = [
     "SHARD_META",
     "SPLITS",
     "ImageShards",
+    "ShardItems",
     "ShardLoader",
     "ShardSource",
     "check_shards",
@@ -282,7 +284,7 @@ class ImageShards(litdata.StreamingDataset):
         in_chans: int,
         shuffle: bool = False,
         seed: int = 0,
-        drop_last: bool = False,
+        drop_last: bool | None = None,
         where: str = "shards",
     ) -> None:
         super().__init__(input_dir, shuffle=shuffle, seed=seed, drop_last=drop_last, item_shuffle_window="full")
@@ -318,6 +320,22 @@ class ImageShards(litdata.StreamingDataset):
                              "them with vision-attn shard") from err  # fmt: skip
         image = decode_image(item["image"], where)
         return self.image_transform(image=to_uint8_array(image, self.in_chans))["image"], int(item["label"])
+
+
+class ShardItems(Dataset):
+    """A split of shards read by index, ``(image [C, H, W], label)``: for validation and test, where Lightning's
+    ``DistributedSampler`` then splits the items evenly between ranks, as for every other dataset (LitData's own
+    split hands out whole batches, so a small split leaves some ranks without any)."""
+
+    def __init__(self, shards: ImageShards, count: int) -> None:
+        self.shards, self.count = shards, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        """Item ``index`` of the split."""
+        return self.shards[int(index)]
 
 
 class ShardLoader(litdata.StreamingDataLoader):
@@ -359,9 +377,10 @@ class ShardSource:
         """Not map-style: see :meth:`streams`."""
         raise TypeError("LitData shards are streamed; use streams()")
 
-    def streams(self, datamodule: Any) -> tuple[ImageShards, ImageShards | None, ImageShards]:
-        """``(train, val, test)`` :class:`ImageShards` with the DataModule's transforms and seed; the train split
-        is shuffled and cut into equal whole batches per rank and worker."""
+    def streams(self, datamodule: Any) -> tuple[ImageShards, ShardItems | None, ShardItems]:
+        """``(train, val, test)`` with the DataModule's transforms and seed: the train split streamed
+        (:class:`ImageShards`: shuffled, equal whole batches per rank and worker), the others read by index
+        (:class:`ShardItems`)."""
         counts = self.meta["splits"]
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         if counts["train"] // world < datamodule.batch_size:
@@ -371,19 +390,22 @@ class ShardSource:
                 "data.batch_size"
             )
 
-        def split(name: str, train: bool) -> ImageShards | None:
-            if name not in counts:
-                return None
+        def split(name: str) -> ImageShards:
             where = check_shards(self.data_dir, name, counts[name])
+            train = name == "train"
             transform = datamodule.train_transform if train else datamodule.eval_transform
             return ImageShards(where, transform, datamodule.in_chans, shuffle=train, seed=datamodule.seed,
-                               drop_last=train, where=f"data.data_dir {self.data_dir!r} ({name})")  # fmt: skip
+                               drop_last=True if train else None,
+                               where=f"data.data_dir {self.data_dir!r} ({name})")  # fmt: skip
 
-        test = split("test", False)
-        if test is None:
+        if "test" not in counts:
             raise ValueError(f"data.data_dir {self.data_dir!r} has no test split; rewrite it with vision-attn shard")
-        return split("train", True), split("val", False), test  # type: ignore[return-value]
+        val = ShardItems(split("val"), counts["val"]) if "val" in counts else None
+        return split("train"), val, ShardItems(split("test"), counts["test"])
 
-    def loader(self, dataset: ImageShards, batch_size: int, num_workers: int) -> ShardLoader:
-        """A :class:`ShardLoader` over ``dataset``."""
+    def loader(self, dataset: ImageShards | ShardItems, batch_size: int, num_workers: int) -> DataLoader:
+        """A :class:`ShardLoader` over the train stream; a plain in-order loader over a :class:`ShardItems` split."""
+        if isinstance(dataset, ShardItems):
+            return StatefulDataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                      persistent_workers=num_workers > 0)  # fmt: skip
         return ShardLoader(dataset, batch_size=batch_size, num_workers=num_workers)
