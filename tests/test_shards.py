@@ -202,19 +202,21 @@ def test_litdata_needs_a_data_dir_and_fitting_batches(shards: Path) -> None:
         shard_module(shards, context_outliers=2)
 
 
-@pytest.mark.slow  # two training processes (~40 s on 2 cores)
-def test_two_process_ddp_on_shards_reads_distinct_samples(shards: Path, tmp_path: Path) -> None:
+@pytest.mark.slow  # two torchrun runs of two training processes each (~40 s on 2 cores)
+def test_torchrun_ddp_on_shards_reads_distinct_samples_and_resumes(shards: Path, tmp_path: Path) -> None:
     record = tmp_path / "record"
     callback = json.dumps({"class_path": "record_batches.RecordBatches", "init_args": {"out_dir": str(record)}})
-    command = [sys.executable, str(REPO / "train.py"), *fit_args(tmp_path / "run", steps=4, epochs=2),
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO / "train.py"), *fit_args(tmp_path / "run", steps=4, epochs=2),
                "--trainer.limit_train_batches=null", "--trainer.logger=false", "--overlays.every_n_epochs=0",
                "--data.name=litdata", f"--data.data_dir={shards}", "--data.context_outliers=0",
                "--data.crop_scale=null", "--data.hflip=0", "--data.translate=0", "--test_after_fit=false",
                "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
-               f"--trainer.callbacks+={callback}"]  # fmt: skip
+               "--step_checkpoint.every_n_train_steps=1"]  # fmt: skip
     env = {**run_env(), "PYTHONPATH": f"{REPO / 'tests'}:{REPO}"}
-    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[:6000]
+    done = subprocess.run([*command, f"--trainer.callbacks+={callback}"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     seen = [json.loads((record / f"rank{rank}.json").read_text()) for rank in range(2)]
     everything = {d for d, _ in items_of(shard_module(shards).train_set)}
     for epoch in ("0", "1"):
@@ -222,3 +224,11 @@ def test_two_process_ddp_on_shards_reads_distinct_samples(shards: Path, tmp_path
         assert len(first) == len(second) == 32  # 64 images: 4 batches of 8 per rank
         assert not set(first) & set(second)
         assert set(first) | set(second) == everything
+    # every rank resumes the run in its folder (rank zero holds the lock; the others must not take it)
+    last = tmp_path / "run" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 8
+    resumed = [*command, "--trainer.max_epochs=3", "--ckpt_path=last"]
+    done = subprocess.run(resumed, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert torch.load(last, weights_only=True)["global_step"] == 12
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["version_0"]
