@@ -287,7 +287,8 @@ class ImageShards(litdata.StreamingDataset):
         drop_last: bool | None = None,
         where: str = "shards",
     ) -> None:
-        super().__init__(input_dir, shuffle=shuffle, seed=seed, drop_last=drop_last, item_shuffle_window="full")
+        super().__init__(input_dir, shuffle=shuffle, seed=seed, drop_last=drop_last, item_shuffle_window="full",
+                         batch_decode=0)  # one encoded image per item: nothing to decode in batches
         self.image_transform, self.in_chans, self.where = transform, in_chans, where
         self._position = 0
 
