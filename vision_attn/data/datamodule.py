@@ -41,6 +41,10 @@ class ImageDataModule(L.LightningDataModule):
     ``num_classes``, ``in_chans``, ``img_size``, ``mean`` and ``std`` are attributes right after construction
     (LightningCLI links them to the model).
 
+    ``name='hf'`` reads the Hugging Face dataset ``hf_name`` (:mod:`vision_attn.data.hf`: ``hf_config``, the split
+    names, ``image_column`` / ``label_column``, ``streaming``; ``data_dir`` is its cache); ``name='litdata'`` streams
+    the LitData shards that ``vision-attn shard`` wrote to ``data_dir`` (:mod:`vision_attn.data.shards`).
+
     ``context_outliers=k`` (datasets with object boxes, such as the embedded one) adds to each training batch the
     context-only versions of its first ``k`` images, labelled ``-1``: the training loss asks for a uniform
     prediction on them, so clutter alone is no evidence for any class (:mod:`vision_attn.data.outliers`).
