@@ -6,12 +6,13 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from vision_attn.data import ClutteredFashionMNIST
 
-datasets = __import__("pytest").importorskip("datasets")  # the `datasets` extra
+datasets = pytest.importorskip("datasets")  # the `datasets` extra: the tests that use these helpers skip without it
 
 # the eval-like train pipeline: no crop, flip or shift, so an item's tensor identifies its image
 IDENTITY = ("--data.crop_scale=null", "--data.hflip=0", "--data.translate=0", "--data.img_size=64")

@@ -99,11 +99,11 @@ def test_split_names_validation_as_test_or_as_validation(tmp_path: Path) -> None
 @pytest.fixture(scope="module")
 def bad_datasets(tmp_path_factory: pytest.TempPathFactory, hf_disk: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bad")
-    labels = datasets.ClassLabel(names=CLASSES)
+    labels, coarse = datasets.ClassLabel(names=CLASSES), datasets.ClassLabel(names=["a"])
     paths = {"good": hf_disk, "missing": root / "missing"}
     for name, data in {
         "int_labels": embedded_split("train", 8, label_dtype="int"),
-        "two_labels": embedded_split("train", 8).add_column("coarse", [0] * 8, feature=datasets.ClassLabel(["a"])),
+        "two_labels": embedded_split("train", 8).add_column("coarse", [0] * 8, feature=coarse),
         "no_image": datasets.Dataset.from_dict({"pixels": [b"x"] * 2, "label": [0, 1]},
                                                features=datasets.Features({"pixels": datasets.Value("binary"),
                                                                            "label": labels})),

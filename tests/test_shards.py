@@ -112,7 +112,7 @@ def _crash_at(step_to_crash: int):
     return crash
 
 
-@pytest.mark.parametrize("num_workers", [0, pytest.param(2, marks=pytest.mark.slow)])  # workers: ~25 s
+@pytest.mark.parametrize("num_workers", [0, 2])
 def test_fit_crash_mid_epoch_and_resume_matches_unbroken_run(shards, tmp_path, monkeypatch, num_workers) -> None:
     args = ("--trainer.logger=false", "--overlays.every_n_epochs=0", "--step_checkpoint.every_n_train_steps=2",
             "--data.name=litdata", f"--data.data_dir={shards}", "--data.context_outliers=0", "--test_after_fit=false",
@@ -213,7 +213,7 @@ def test_torchrun_ddp_on_shards_reads_distinct_samples_and_resumes(shards: Path,
                "--data.crop_scale=null", "--data.hflip=0", "--data.translate=0", "--test_after_fit=false",
                "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
                "--step_checkpoint.every_n_train_steps=1"]  # fmt: skip
-    env = {**run_env(), "PYTHONPATH": f"{REPO / 'tests'}:{REPO}"}
+    env = {**run_env(), "PYTHONPATH": f"{REPO / 'tests'}:{REPO}", "TMPDIR": str(tmp_path)}  # torchrun's temp files
     done = subprocess.run([*command, f"--trainer.callbacks+={callback}"], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -60,7 +60,8 @@ def test_config_fast_dev_run(config: Path, tmp_path: Path, request: pytest.Fixtu
     if config.stem.startswith("finetune"):
         args += ["--model.pretrained=false", "--data.img_size=64", "--model.model_args={}"]  # no download, small
     if config.stem.endswith("_shards_multinode"):  # LitData shards of the CIFAR-10 JPEGs, on this one CPU
-        from vision_attn.data.shards import write_shards  # needs the `datasets` extra
+        pytest.importorskip("litdata")  # the `datasets` extra
+        from vision_attn.data.shards import write_shards
 
         shards = tmp_path / "shards"
         write_shards(ImageDataModule("image_folder", str(request.getfixturevalue("cifar_folder")), img_size=32), shards)
