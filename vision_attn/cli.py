@@ -1,5 +1,5 @@
-"""``vision-attn`` console script: ``fit|validate|test|predict`` (LightningCLI), ``explain``, ``export`` and
-``shard``."""
+"""``vision-attn`` console script: ``fit|validate|test|predict`` (LightningCLI), ``explain``, ``evaluate-maps``,
+``export``, ``shard``, ``models`` and ``methods``."""
 
 from __future__ import annotations
 
