@@ -72,6 +72,7 @@ def test_docs_carry_every_block_the_benchmarks_write() -> None:
         "pipeline_overhead": ["docs/training.md"],
         "throughput": ["docs/benchmarks.md"],
         "onnx_runtime": ["docs/benchmarks.md"],
+        "data_throughput": ["docs/data.md"],
     }
     for name, files in blocks.items():
         for file in files:

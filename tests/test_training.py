@@ -59,6 +59,15 @@ def test_config_fast_dev_run(config: Path, tmp_path: Path, request: pytest.Fixtu
         args += ["--data.name=image_folder", f"--data.data_dir={folder}"]  # download: true stays (nothing to fetch)
     if config.stem.startswith("finetune"):
         args += ["--model.pretrained=false", "--data.img_size=64", "--model.model_args={}"]  # no download, small
+    if config.stem.endswith("_shards_multinode"):  # LitData shards of the CIFAR-10 JPEGs, on this one CPU
+        pytest.importorskip("litdata")  # the `datasets` extra
+        from vision_attn.data.shards import write_shards
+
+        shards = tmp_path / "shards"
+        write_shards(ImageDataModule("image_folder", str(request.getfixturevalue("cifar_folder")), img_size=32), shards)
+        args += [f"--data.data_dir={shards}", "--trainer.strategy=auto", "--trainer.num_nodes=1",
+                 "--trainer.sync_batchnorm=false", f"--run_dir={tmp_path / 'run'}"]  # fmt: skip
+        tmp_path = tmp_path / "run"
     assert main(args) == 0
     run = run_folder(tmp_path)
     summary = json.loads((run / "summary.json").read_text())
