@@ -412,22 +412,35 @@ def embedding_module(model: nn.Module) -> nn.Module:
     return patch_embed
 
 
-def lrp_forward(model: nn.Module, images: torch.Tensor, rules: LRPRules) -> tuple[torch.Tensor, torch.Tensor]:
+def lrp_forward(
+    model: nn.Module, images: torch.Tensor, rules: LRPRules, leaf: str = "tokens"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``model(images)`` once under ``rules``; return ``(output, embeddings)``.
 
     ``embeddings`` is the output of ``model.patch_embed`` (``[B, N, D]`` or ``[B, gh, gw, D]``), swapped by a
     temporary forward hook for a detached leaf that requires grad, so the graph starts there and
-    ``embeddings * torch.autograd.grad(score, embeddings)[0]`` is the relevance of each token embedding. The model
-    runs with its parameters detached (``torch.func.functional_call``), so input-dependent tensors are exactly those
-    that require grad. The hook is removed and the parameters are back in place when this returns (also on error).
-    Raises :class:`~vision_attn.explain.NotApplicableError` for a model without a ``patch_embed`` that runs once and
-    returns a tensor.
+    ``embeddings * torch.autograd.grad(score, embeddings)[0]`` is the relevance of each token embedding. With
+    ``leaf='pixels'`` the graph starts at the images instead (``[B, C, H, W]``, returned in place of the
+    embeddings): the relevance then also flows through the patch embedding (convolutions and linear layers keep
+    their plain gradient, epsilon-LRP). The model runs with its parameters detached
+    (``torch.func.functional_call``), so input-dependent tensors are exactly those that require grad. The hook is
+    removed and the parameters are back in place when this returns (also on error). Raises
+    :class:`~vision_attn.explain.NotApplicableError` for a model without a ``patch_embed`` that runs once and returns
+    a tensor.
     """
+    if leaf not in ("tokens", "pixels"):
+        raise ValueError(f"leaf must be 'tokens' or 'pixels', got {leaf!r}")
+    parameters = {key: value.detach() for key, value in model.named_parameters()}
+    if leaf == "pixels":
+        embedding_module(model)
+        pixels = images.detach().requires_grad_(True)
+        with torch.enable_grad(), rules:
+            return torch.func.functional_call(model, parameters, (pixels,)), pixels
     name = type(model).__name__
     patch_embed = embedding_module(model)
     captured: list[torch.Tensor] = []
 
-    def leaf(module: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor:
+    def swap(module: nn.Module, args: tuple[Any, ...], output: Any) -> torch.Tensor:
         if not isinstance(output, torch.Tensor):
             raise NotApplicableError(
                 f"model {name}'s patch_embed returned {type(output).__name__}; relevance needs one tensor of token "
@@ -436,8 +449,7 @@ def lrp_forward(model: nn.Module, images: torch.Tensor, rules: LRPRules) -> tupl
         captured.append(output.detach().requires_grad_(True))
         return captured[-1]
 
-    handle = patch_embed.register_forward_hook(leaf)
-    parameters = {key: value.detach() for key, value in model.named_parameters()}
+    handle = patch_embed.register_forward_hook(swap)
     try:
         with torch.enable_grad(), rules:
             output = torch.func.functional_call(model, parameters, (images,))

@@ -31,7 +31,9 @@ from vision_attn.explain.lrp import LINEAR_RULES, LRPRules, embedding_module, lr
 from vision_attn.explain.rollout import gradient_rollout, token_pool_weights
 from vision_attn.explain.tokens import token_layout, token_pool
 
-__all__ = ["attnlrp", "transformer_attribution"]
+__all__ = ["LEVELS", "attnlrp", "transformer_attribution"]
+
+LEVELS = ("tokens", "pixels")  # where attnlrp reads the relevance: the token embeddings or the input pixels
 
 Targets = int | Sequence[int] | torch.Tensor | None
 
@@ -63,7 +65,7 @@ def _scores(logits: torch.Tensor, model: nn.Module, targets: Targets) -> tuple[t
     return one_hot.detach(), targets
 
 
-def attnlrp(model: nn.Module, images: torch.Tensor, targets: Targets = None) -> torch.Tensor:
+def attnlrp(model: nn.Module, images: torch.Tensor, targets: Targets = None, level: str = "tokens") -> torch.Tensor:
     """AttnLRP relevance of each patch token for the target logit: ``images [B, C, H, W] -> [B, gh, gw]``.
 
     Achtibat et al., ICML 2024, "AttnLRP: Attention-Aware Layer-wise Relevance Propagation for Transformers", in its
@@ -76,6 +78,8 @@ def attnlrp(model: nn.Module, images: torch.Tensor, targets: Targets = None) -> 
     ``model.patch_embed``) times that gradient, summed over channels; position embeddings, class, register and
     distillation tokens keep their shares, so the map holds the patch tokens only, on the model's grid.
     ``targets``: ``None`` = the predicted class, an int for all images, or one index per image.
+    ``level='pixels'`` reads the relevance at the input pixels instead (summed over channels, ``[B, H, W]``): the
+    rules then continue through the patch embedding (its convolutions and linear layers with the plain gradient).
 
     Relevance is conserved by every rule but the softmax (its Taylor decomposition at x leaves a bias term, Prop.
     3.1); biases, position embeddings and prefix tokens take their shares: with none of these, the summed relevance
@@ -85,12 +89,16 @@ def attnlrp(model: nn.Module, images: torch.Tensor, targets: Targets = None) -> 
     :class:`~vision_attn.explain.NotApplicableError` for models without token embeddings (CNNs) or without a
     classifier.
     """
+    if level not in LEVELS:
+        raise ValueError(f"level {level!r} is unknown; expected one of {LEVELS}")
     model, inputs, _, (gh, gw) = _prepare(model, images, "attnlrp")
     with eval_mode(model, caller="attnlrp"):
-        logits, embeddings = lrp_forward(model, inputs, LRPRules("attnlrp"))
+        logits, embeddings = lrp_forward(model, inputs, LRPRules("attnlrp"), leaf=level)
     one_hot, _ = _scores(logits, model, targets)
     (grad,) = torch.autograd.grad(logits, embeddings, grad_outputs=one_hot)
     relevance = (embeddings * grad).detach().float()
+    if level == "pixels":
+        return relevance.sum(dim=1).to(images.device)  # B, C, H, W -> B, H, W
     per_token = relevance.sum(dim=-1).reshape(relevance.shape[0], -1)  # B, N (embeddings [B, N, D] or [B, gh, gw, D])
     if per_token.shape[1] != gh * gw:
         raise NotApplicableError(

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from vision_attn.explain._common import check_logits, resolve_targets
+from vision_attn.explain._common import apply_sign, check_logits, resolve_targets
 from vision_attn.explain.registry import register_method
 
 
@@ -23,7 +23,8 @@ def _targets(model: nn.Module, images: torch.Tensor, target: int | Sequence[int]
 @register_method(
     "integrated_gradients",
     needs=("class_target", "captum"),
-    description="captum's Integrated Gradients from a zero (mean-image) baseline, summed over channels",
+    description="captum's Integrated Gradients from a zero (mean-image) baseline, summed over channels; its "
+    "positive part by default",
     reference="Sundararajan et al. 2017 (captum)",
 )
 def integrated_gradients(
@@ -32,9 +33,10 @@ def integrated_gradients(
     target: int | Sequence[int] | torch.Tensor | None = None,
     n_steps: int = 32,
     internal_batch_size: int | None = None,
+    sign: str = "positive",
 ) -> torch.Tensor:
     """Integrated Gradients of the ``target`` logits along ``n_steps`` points from a zero input (the mean image,
-    since inputs are normalized) to the image, summed over channels: ``[B, H, W]``."""
+    since inputs are normalized) to the image, summed over channels, its ``sign`` part: ``[B, H, W]``."""
     from captum.attr import IntegratedGradients
 
     if not isinstance(n_steps, int) or n_steps < 1:
@@ -45,7 +47,7 @@ def integrated_gradients(
             images.detach().requires_grad_(True), target=targets, n_steps=n_steps,
             internal_batch_size=internal_batch_size,
         )
-    return attributions.detach().sum(dim=1)
+    return apply_sign(attributions.detach().sum(dim=1), sign)
 
 
 @register_method(
