@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from vision_attn._cli import check_device, json_object_option
 
@@ -75,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_auth_file(path: str | os.PathLike, name: str = "--auth-file") -> list[tuple[str, str]]:
-    """The ``(user, password)`` pairs of a text file of ``user:password`` lines (blank lines and ``#`` comments
-    ignored); a ``ValueError`` names the file and the line (never the password) when a line is malformed."""
+    """The ``(user, password)`` pairs of a text file of ``user:password`` lines (the password is the rest of the line;
+    blank lines and ``#`` comments are ignored); a ``ValueError`` names the file and the line (never the password)
+    when a line is malformed."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -86,10 +89,9 @@ def read_auth_file(path: str | os.PathLike, name: str = "--auth-file") -> list[t
         raise ValueError(f"{name} {str(path)!r} is not a readable UTF-8 text file: {err}") from err
     pairs = []
     for number, line in enumerate(text.splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
+        if not line.strip() or line.lstrip().startswith("#"):
             continue
-        user, colon, password = line.partition(":")
+        user, colon, password = line.partition(":")  # the password is the rest of the line, spaces included
         if not colon or not user.strip() or not password:
             raise ValueError(f"{name} {str(path)!r} line {number} is not 'user:password' (a user name, a colon and "
                              "a non-empty password)")  # fmt: skip
@@ -106,6 +108,10 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -154,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vision-attn app: listening on {args.host}, reachable from other machines, with {login}; see "
               "docs/app.md", flush=True)  # fmt: skip
     print("vision-attn app: Ctrl+C stops it", flush=True)
+    signal.signal(signal.SIGTERM, _stop)  # a service manager's stop closes the server as Ctrl+C does
     try:
         demo.block_thread()
     finally:

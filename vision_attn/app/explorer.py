@@ -343,4 +343,3 @@ def parse_options(text: str | Mapping[str, Any] | None, method: str) -> dict[str
         raise ValueError(f"options must be a JSON object of {method!r}'s options, got {text!r}")
     get_method(method).check_options(options)
     return options
-

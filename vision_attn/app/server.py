@@ -41,19 +41,19 @@ USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FloatingPointError)  # 
 PREDICTED = "predicted"
 
 
-def _file_path(payload: Any) -> str | None:
-    """The uploaded file's path in an image payload as Gradio sends it unprocessed (``None`` for no image).
+def _upload(payload: Any) -> tuple[str, str] | None:
+    """``(path, original file name)`` of an image payload as Gradio sends it unprocessed (``None``: no image).
 
     The app's events take images unprocessed (``preprocess=False``): Gradio has checked that the file is one of its
     uploads, and :func:`vision_attn.data.read_image` decodes it with its own checks and messages (Gradio's decoding
     would refuse a huge image with PIL's decompression-bomb error, or a non-image with a bare traceback)."""
     if payload is None or isinstance(payload, str):
-        return payload or None
+        return (payload, os.path.basename(payload)) if payload else None
     path = payload.get("path") if isinstance(payload, dict) else None
     if not path:
         raise ValueError(f"image {payload!r} holds no uploaded file; send the image as a file "
                          "(gradio_client.handle_file(path))")  # fmt: skip
-    return str(path)
+    return str(path), str(payload.get("orig_name") or os.path.basename(path))
 
 
 def _percent(value: float) -> str:
@@ -76,14 +76,18 @@ class _Handlers:
         """The image to explain: the dataset example ``example``, else the uploaded image ``payload``, else None."""
         if example is not None:
             return self.explorer.example(int(example))
-        image = _file_path(payload)
-        if image is None:
+        upload = _upload(payload)
+        if upload is None:
             return None
+        image, name = upload
         with self._cache_lock:
             if image in self._subjects:
                 self._subjects.move_to_end(image)
                 return self._subjects[image]
-        subject = self.explorer.prepare(image, name=os.path.basename(image))
+        try:
+            subject = self.explorer.prepare(image, name=name)
+        except (ValueError, FileNotFoundError) as err:  # name the file as the user knows it, not Gradio's copy
+            raise type(err)(str(err).replace(image, name)) from err
         with self._cache_lock:  # uploads live at content-hashed paths: a path always means the same image
             self._subjects[image] = subject
             while len(self._subjects) > 16:
@@ -283,6 +287,13 @@ def _header(explorer: Explorer) -> str:
     return "\n\n".join(lines)
 
 
+def _index_slider(count: int, value: int, label: str, elem_id: str) -> gr.components.Component:
+    """A slider over ``0..count - 1`` (a fixed number where there is only one: Gradio's slider needs a range)."""
+    if count > 1:
+        return gr.Slider(0, count - 1, value=value, step=1, label=label, elem_id=elem_id)
+    return gr.Number(value=0, precision=0, label=f"{label} (the only one)", interactive=False, elem_id=elem_id)
+
+
 def build_app(explorer: Explorer) -> gr.Blocks:
     """The Gradio ``Blocks`` of ``vision-attn app`` for ``explorer`` (not launched): the page and the ``/predict``
     and ``/explain`` API endpoints."""
@@ -324,8 +335,8 @@ def build_app(explorer: Explorer) -> gr.Blocks:
         if explorer.examples:
             gallery = gr.Gallery(
                 [(explorer.display(s), _true_name(explorer, s.label)) for s in explorer.examples],
-                label=f"examples: {explorer.dataset} (object boxes in green); click one", columns=12,
-                allow_preview=False, format="png", elem_id="va-examples", height="auto",
+                label=f"examples: {explorer.dataset} (object boxes in green); click one", columns=12, rows=2,
+                allow_preview=False, format="png", elem_id="va-examples", height=None,
             )  # fmt: skip
         token_outputs: list[Any] = []
         with gr.Tabs():
@@ -333,17 +344,16 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 depth, heads = len(explorer.heads_per_layer), max(explorer.heads_per_layer)
                 with gr.Tab("layers and heads"):
                     with gr.Row():
-                        layer = gr.Slider(0, depth - 1, value=depth - 1, step=1, label="layer", elem_id="va-layer")
-                        head = gr.Slider(0, heads - 1, value=0, step=1, label="head", elem_id="va-head")
+                        layer = _index_slider(depth, depth - 1, "layer", "va-layer")
+                        head = _index_slider(heads, 0, "head", "va-head")
                         mean_heads = gr.Checkbox(value=False, label="mean of the heads", elem_id="va-mean-heads")
-                        rollout_layer = gr.Slider(0, depth - 1, value=depth - 1, step=1, label="rollout up to layer",
-                                                  elem_id="va-rollout-layer")  # fmt: skip
+                        rollout_layer = _index_slider(depth, depth - 1, "rollout up to layer", "va-rollout-layer")
                     with gr.Row():
                         token_attention = gr.Image(label="raw attention (layer, head)", format="png",
                                                    interactive=False, elem_id="va-token-attention")  # fmt: skip
                         token_rollout = gr.Image(label="rollout (layers 0 to the chosen one)", format="png",
                                                  interactive=False, elem_id="va-token-rollout")  # fmt: skip
-                    token_heads = gr.Gallery(label="every head of the layer", columns=min(heads, 8), format="png",
+                    token_heads = gr.Gallery(label="every head of the layer", columns=max(heads, 6), format="png",
                                              allow_preview=False, elem_id="va-token-heads", height="auto")  # fmt: skip
                     token_status = gr.Markdown(elem_id="va-token-status")
                 token_inputs = [image, example, layer, head, mean_heads, rollout_layer, opacity]
