@@ -171,7 +171,8 @@ def test_api_map_matches_explain(client: Client, explorer: Explorer, images: dic
 
 def test_api_options_reach_the_method(client: Client, explorer: Explorer, images: dict[str, Path]) -> None:
     options = '{"head_fusion": "max", "discard_ratio": 0.5}'
-    _, npy, _ = client.predict(handle_file(str(images["grey"])), "rollout", None, options, 0.5, api_name="/explain")
+    _, npy, png = client.predict(handle_file(str(images["grey"])), "rollout", None, options, None, api_name="/explain")
+    assert png is None  # no opacity, no overlay
     _, expected = _expected(explorer, images["grey"], "rollout", head_fusion="max", discard_ratio=0.5)
     _, plain = _expected(explorer, images["grey"], "rollout")
     np.testing.assert_allclose(np.load(npy), expected, atol=1e-5)
@@ -202,6 +203,7 @@ def test_bad_input_gives_a_message_and_the_server_keeps_serving(client: Client, 
         ((rgb, "rollout", None, "{head_fusion", 0.5), r"options '\{head_fusion' is not JSON"),
         ((rgb, "rollout", None, '{"layer": 1}', 0.5), r"unknown options \['layer'\]; it accepts"),
         ((None, "rollout", None, "", 0.5), r"image is missing"),
+        ((rgb, "rollout", None, "", 2.0), r"opacity 2.0 must be in \[0, 1\]"),
     ]  # fmt: skip
     for args, message in cases:
         with pytest.raises(AppError, match=message):

@@ -117,23 +117,26 @@ class _Handlers:
 
     # -- outputs -------------------------------------------------------------------------------------------------
 
-    def _downloads(self, subject: Subject, method: str, saliency: np.ndarray, alpha: float,
-                   grey: bool = True) -> list[str]:  # fmt: skip
-        """Write the map (``.npy``, float32 [H, W] in [0, 1]), the overlay (PNG, at the input size) and, with
-        ``grey``, the map as a grey PNG, each atomically; returns their paths."""
+    def _downloads(self, subject: Subject, method: str, saliency: np.ndarray, alpha: float | None,
+                   grey: bool = True) -> dict[str, str]:  # fmt: skip
+        """Write, each atomically, the map (``'npy'``: float32 [H, W] in [0, 1]), unless ``alpha`` is None its
+        overlay at that opacity (``'overlay'``: PNG at the input size) and with ``grey`` the map as a grey PNG
+        (``'png'``); returns their paths."""
         self._prune()
         folder = self.work_dir / uuid.uuid4().hex
         stem = f"{subject.name}_{method}".replace("+", "p")
-        paths = [folder / f"{stem}_map.npy", folder / f"{stem}_overlay.png"]
-        with atomic_open(paths[0], "wb") as f:
+        paths = {"npy": folder / f"{stem}_map.npy"}
+        with atomic_open(paths["npy"], "wb") as f:
             np.save(f, saliency.astype(np.float32))
-        with atomic_open(paths[1], "wb") as f:
-            Image.fromarray(self.explorer.display(subject, saliency, alpha, enlarge=False)).save(f, format="png")
         if grey:
-            paths.append(folder / f"{stem}_map.png")
-            with atomic_open(paths[2], "wb") as f:
+            paths["png"] = folder / f"{stem}_map.png"
+            with atomic_open(paths["png"], "wb") as f:
                 Image.fromarray((np.clip(saliency, 0, 1) * 255).round().astype(np.uint8)).save(f, format="png")
-        return [str(p) for p in paths]
+        if alpha is not None:
+            paths["overlay"] = folder / f"{stem}_overlay.png"
+            with atomic_open(paths["overlay"], "wb") as f:
+                Image.fromarray(self.explorer.display(subject, saliency, alpha, enlarge=False)).save(f, format="png")
+        return {kind: str(path) for kind, path in paths.items()}
 
     def _prune(self) -> None:
         now = time.time()
@@ -178,7 +181,7 @@ class _Handlers:
             picture = self.explorer.display(subject, saliency, opacity)
             scores = self.explorer.scores(subject, saliency)
             details = self._details(subject, result, method, chosen, scores)
-            return picture, top5, details, "", self._downloads(subject, method, saliency, opacity)
+            return picture, top5, details, "", list(self._downloads(subject, method, saliency, opacity).values())
         except USER_ERRORS as err:
             return None, None, "", _message(err), None
 
@@ -232,7 +235,7 @@ class _Handlers:
 
     # -- the API ---------------------------------------------------------------------------------------------------
 
-    def api_predict(self, image: str | None) -> dict[str, Any]:
+    def api_predict(self, image: Any) -> dict[str, Any]:
         """``/predict``: the top-5 classes of an image (``{'prediction', 'class_name', 'probability', 'top'}``)."""
         try:
             subject = self.subject(image, None)
@@ -242,9 +245,10 @@ class _Handlers:
         except USER_ERRORS as err:
             raise gr.Error(f"{type(err).__name__}: {err}", print_exception=False) from err
 
-    def api_explain(self, image: str | None, method: str, target: float | None, options: str | None,
-                    opacity: float | None) -> tuple[dict[str, Any], str, str]:  # fmt: skip
-        """``/explain``: ``(prediction with 'method', 'target', 'scores'; the map .npy; the overlay PNG)``."""
+    def api_explain(self, image: Any, method: str, target: float | None, options: str | None,
+                    opacity: float | None) -> tuple[dict[str, Any], str, str | None]:  # fmt: skip
+        """``/explain``: ``(the prediction with 'method', 'target', 'map_shape'; the map as .npy; its overlay PNG at
+        ``opacity``, or None when ``opacity`` is None)``."""
         try:
             subject = self.subject(image, None)
             if subject is None:
@@ -253,11 +257,12 @@ class _Handlers:
             result, saliency = self.explorer.explain_with_prediction(
                 subject, method, chosen, parse_options(options, method)
             )
-            alpha = 0.5 if opacity is None else float(opacity)
-            npy, png = self._downloads(subject, method, saliency, alpha, grey=False)
+            if opacity is not None and not 0.0 <= float(opacity) <= 1.0:
+                raise ValueError(f"opacity {opacity!r} must be in [0, 1] (or empty for no overlay)")
+            files = self._downloads(subject, method, saliency, None if opacity is None else float(opacity), grey=False)
             result.update(method=method, target=result["prediction"] if chosen is None else chosen,
                           map_shape=list(saliency.shape))  # fmt: skip
-            return result, npy, png
+            return result, files["npy"], files.get("overlay")
         except USER_ERRORS as err:
             raise gr.Error(f"{type(err).__name__}: {err}", print_exception=False) from err
 
@@ -396,7 +401,7 @@ def build_app(explorer: Explorer) -> gr.Blocks:
             api_method = gr.Textbox(value=default_method, label="method")
             api_target = gr.Number(value=None, precision=0, label="target (empty: the predicted class)")
             api_options = gr.Textbox(value="", label="options (JSON object)")
-            api_opacity = gr.Number(value=0.5, label="overlay opacity")
+            api_opacity = gr.Number(value=None, label="overlay opacity in [0, 1] (empty: no overlay)")
             api_result = gr.JSON(label="prediction")
             api_npy = gr.File(label="map (.npy, float32 [H, W] in [0, 1])")
             api_png = gr.File(label="overlay (PNG)")
