@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import struct
@@ -167,6 +166,19 @@ def test_api_map_matches_explain(client: Client, explorer: Explorer, images: dic
     assert result["method"] == method
     overlay = np.asarray(Image.open(png))
     assert overlay.shape == (64, 64, 3)
+
+
+def test_the_documented_api_example(client: Client, explorer: Explorer, images: dict[str, Path]) -> None:
+    prediction, map_file, overlay_file = client.predict(
+        handle_file(str(images["rgb"])), method="gradcam", target=3, opacity=0.5, api_name="/explain"
+    )  # as docs/app.md shows it
+    probs, expected = _expected(explorer, images["rgb"], "gradcam", 3)
+    assert prediction["top"][0]["class"] == int(probs.argmax())
+    np.testing.assert_allclose(np.load(map_file), expected, atol=1e-5)
+    assert Image.open(overlay_file).size == (64, 64)
+    default = client.predict(handle_file(str(images["rgb"])), api_name="/explain")  # rollout, no overlay
+    np.testing.assert_allclose(np.load(default[1]), _expected(explorer, images["rgb"], "rollout")[1], atol=1e-5)
+    assert default[2] is None
 
 
 def test_api_options_reach_the_method(client: Client, explorer: Explorer, images: dict[str, Path]) -> None:
@@ -536,11 +548,6 @@ def test_browser_upload_change_method_and_pick_an_example(served: str, explorer:
             scores = explorer.scores(example, explorer.explain(example, "gradcam"))
             assert f"pointing game: {scores['pointing_game']:.2f}" in page.locator("#va-details").inner_text()
             assert page.locator("#va-status").inner_text().strip() == ""
-            shot = tmp_path / "app.png"
-            page.screenshot(path=str(shot), full_page=True)
-            assert Image.open(shot).size[0] == 1280
-            if os.environ.get("VISION_ATTN_APP_SCREENSHOT"):  # how docs/app.png is made
-                shutil.copyfile(shot, os.environ["VISION_ATTN_APP_SCREENSHOT"])
         finally:
             browser.close()
     assert outside == []  # the page loads nothing from outside this machine

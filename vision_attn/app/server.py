@@ -245,8 +245,8 @@ class _Handlers:
         except USER_ERRORS as err:
             raise gr.Error(f"{type(err).__name__}: {err}", print_exception=False) from err
 
-    def api_explain(self, image: Any, method: str, target: float | None, options: str | None,
-                    opacity: float | None) -> tuple[dict[str, Any], str, str | None]:  # fmt: skip
+    def api_explain(self, image: Any, method: str = "rollout", target: float | None = None, options: str | None = "",
+                    opacity: float | None = None) -> tuple[dict[str, Any], str, str | None]:  # fmt: skip
         """``/explain``: ``(the prediction with 'method', 'target', 'map_shape'; the map as .npy; its overlay PNG at
         ``opacity``, or None when ``opacity`` is None)``."""
         try:
@@ -399,12 +399,12 @@ def build_app(explorer: Explorer) -> gr.Blocks:
         with gr.Column(visible=False):  # the API's own inputs and outputs (gradio_client reads their types)
             api_image = gr.Image(type="filepath", image_mode=None, label="image")
             api_method = gr.Textbox(value=default_method, label="method")
-            api_target = gr.Number(value=None, precision=0, label="target (empty: the predicted class)")
-            api_options = gr.Textbox(value="", label="options (JSON object)")
-            api_opacity = gr.Number(value=None, label="overlay opacity in [0, 1] (empty: no overlay)")
+            api_target = gr.Number(value=None, precision=0, label="target")  # None: the predicted class
+            api_options = gr.Textbox(value="", label="options")  # a JSON object of the method's options
+            api_opacity = gr.Number(value=None, label="opacity")  # None: no overlay
             api_result = gr.JSON(label="prediction")
-            api_npy = gr.File(label="map (.npy, float32 [H, W] in [0, 1])")
-            api_png = gr.File(label="overlay (PNG)")
+            api_npy = gr.File(label="map")  # .npy, float32 [H, W] in [0, 1]
+            api_png = gr.File(label="overlay")  # PNG
             api_button = gr.Button("api")
         api = {"preprocess": False, "concurrency_limit": 4}
         api_button.click(handlers.api_predict, [api_image], [api_result], api_name="predict", **api)
