@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--example", type=int, default=3, help="which example to pick (default 3)")
     parser.add_argument("--method", default="gradient_rollout", help="the method to show (default gradient_rollout)")
     parser.add_argument("--chromium", default="/usr/bin/chromium", help="the browser (default Debian's chromium)")
-    parser.add_argument("--height", type=int, default=1150, help="pixels of the page to keep from the top")
+    parser.add_argument("--height", type=int, default=1000, help="pixels of the page to keep from the top")
     args = parser.parse_args(argv)
     from playwright.sync_api import sync_playwright
 

@@ -339,6 +339,26 @@ def test_token_views_read_what_the_methods_read(explorer: Explorer) -> None:
         explorer.token_maps(subject, layer=depth)
 
 
+def test_a_cnn_gets_its_own_methods_and_no_token_views() -> None:
+    torch.manual_seed(0)
+    model = vision_attn.create_model("va_resnet18_cbam_32", num_classes=3).eval()
+    cnn = Explorer(model, {"model_name": "va_resnet18_cbam_32"}, num_examples=1)
+    assert "spatial" in cnn.methods
+    assert "gradcam" in cnn.methods
+    assert "rollout" in cnn.unavailable
+    assert cnn.heads_per_layer == []
+    subject = cnn.example(0)  # the grey 64 x 64 example through an RGB 32 x 32 model's pipeline
+    assert subject.images.shape == (1, 3, 32, 32)
+    np.testing.assert_allclose(cnn.explain(subject, "spatial"), explain(model, subject.images, "spatial")[0])
+    with pytest.raises(ValueError, match=r"method 'rollout' does not apply to this model: .*no token-attention"):
+        cnn.explain(subject, "rollout")
+    with pytest.raises(ValueError, match=r"no token-attention"):
+        cnn.token_maps(subject, 0)
+    ids = {getattr(block, "elem_id", None) for block in build_app(cnn).blocks.values()}
+    assert "va-method" in ids
+    assert "va-layer" not in ids  # no layers-and-heads tab
+
+
 def test_examples_carry_boxes_and_their_scores(explorer: Explorer) -> None:
     prepared, names, labels = load_dataset_images("cluttered_fashion_mnist:test", 4, explorer.data_config)
     assert [s.name for s in explorer.examples] == names

@@ -340,8 +340,8 @@ def build_app(explorer: Explorer) -> gr.Blocks:
         if explorer.examples:
             gallery = gr.Gallery(
                 [(explorer.display(s), _true_name(explorer, s.label)) for s in explorer.examples],
-                label=f"examples: {explorer.dataset} (object boxes in green); click one", columns=12, rows=2,
-                allow_preview=False, format="png", elem_id="va-examples", height=None,
+                label=f"examples: {explorer.dataset} (object boxes in green); click one", columns=12,
+                allow_preview=False, format="png", elem_id="va-examples", height=130, object_fit="contain",
             )  # fmt: skip
         token_outputs: list[Any] = []
         with gr.Tabs():
