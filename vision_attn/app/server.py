@@ -39,6 +39,7 @@ MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # larger uploads are refused by Gradio befo
 DOWNLOAD_TTL_S = 600  # files written for download are removed this long after (Gradio serves its own copy)
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FloatingPointError)  # bad input: a message, not a crash
 PREDICTED = "predicted"
+COMPARED = 4  # methods side by side by default (the first ones the registry lists; some take seconds on large models)
 
 
 def _upload(payload: Any) -> tuple[str, str] | None:
@@ -364,7 +365,8 @@ def build_app(explorer: Explorer) -> gr.Blocks:
                 token_inputs = [image, example, layer, head, mean_heads, rollout_layer, opacity]
                 token_outputs = [token_attention, token_rollout, token_heads, token_status]
             with gr.Tab("compare methods"):
-                compare_methods = gr.CheckboxGroup(methods, value=methods, label="methods", elem_id="va-compare")
+                compare_methods = gr.CheckboxGroup(methods, value=methods[:COMPARED], label="methods",
+                                                   elem_id="va-compare")  # fmt: skip
                 compare_gallery = gr.Gallery(
                     label="side by side", columns=min(len(methods), 6), format="png", allow_preview=False,
                     elem_id="va-compare-gallery", height="auto",
