@@ -431,12 +431,20 @@ def test_page_handlers_put_bad_input_in_the_status(explorer: Explorer, tmp_path:
     (["--model", MODEL, "--auth-file", "missing-users.txt"], "--auth-file 'missing-users.txt' does not exist"),
     (["--model", MODEL, "--dataset", "mnist"], "--dataset 'mnist' is unknown"),
     (["--model", MODEL, "--model-args", "[1]"], "--model-args must be a JSON object"),
+    (["--model", MODEL, "--cmap", "rainbowz"], "--cmap 'rainbowz' is not a matplotlib colormap"),
 ])  # fmt: skip
 def test_cli_bad_arguments_exit_2_with_one_line(capsys: pytest.CaptureFixture, args: list[str], message: str) -> None:
     with pytest.raises(SystemExit) as exit_info:
         app_main(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_without_gradio_says_which_extra_to_install(monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    monkeypatch.setitem(sys.modules, "vision_attn.app.server", None)  # as if gradio were not installed
+    assert app_main(["--model", MODEL]) == 2
+    assert "install the app extra: pip install 'vision_attn[app]'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("sidecar", ["{not json", "[1, 2]"])

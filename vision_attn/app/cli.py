@@ -134,6 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         auth = read_auth_file(args.auth_file) if args.auth_file else None
         if args.examples:
             parse_dataset_spec(args.dataset)
+        from matplotlib import colormaps
+
+        if args.cmap not in colormaps:
+            raise ValueError(f"--cmap {args.cmap!r} is not a matplotlib colormap (e.g. jet, viridis, inferno)")
         load_plugins(args.plugin)
     except (ValueError, TypeError, FileNotFoundError) as err:
         parser.error(str(err))
