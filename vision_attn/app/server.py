@@ -167,7 +167,7 @@ class _Handlers:
             lines.append("the crop removed the object box: no box scores")
         return "  \n".join(lines)
 
-    def main(self, image: str | None, example: int | None, method: str, target: str, opacity: float,
+    def main(self, image: Any, example: int | None, method: str, target: str, opacity: float,
              options: str) -> tuple[Any, ...]:  # fmt: skip
         """The map view: ``(overlay, top-5, details, status, downloads)``; bad input leaves a message in status."""
         try:
@@ -186,7 +186,7 @@ class _Handlers:
         except USER_ERRORS as err:
             return None, None, "", _message(err), None
 
-    def upload(self, image: str | None, method: str, target: str, opacity: float, options: str) -> tuple[Any, ...]:
+    def upload(self, image: Any, method: str, target: str, opacity: float, options: str) -> tuple[Any, ...]:
         """A new image from the user: forget the example, then :meth:`main`."""
         return (None, *self.main(image, None, method, target, opacity, options))
 
@@ -197,7 +197,7 @@ class _Handlers:
         picture = self.explorer.display(self.explorer.example(index))
         return (picture, index, *self.main(None, index, method, target, opacity, options))
 
-    def tokens(self, image: str | None, example: int | None, layer: int, head: int, mean_heads: bool,
+    def tokens(self, image: Any, example: int | None, layer: int, head: int, mean_heads: bool,
                rollout_layer: int, opacity: float) -> tuple[Any, ...]:  # fmt: skip
         """The layer and head view: ``(attention overlay, rollout overlay, heads gallery, status)``."""
         try:
@@ -211,7 +211,7 @@ class _Handlers:
         except USER_ERRORS as err:
             return None, None, None, _message(err)
 
-    def compare(self, image: str | None, example: int | None, methods: Sequence[str], target: str,
+    def compare(self, image: Any, example: int | None, methods: Sequence[str], target: str,
                 opacity: float) -> tuple[Any, ...]:  # fmt: skip
         """The methods side by side: ``(gallery of (overlay, method), status)``."""
         try:
