@@ -73,6 +73,9 @@ def test_docs_carry_every_block_the_benchmarks_write() -> None:
         "throughput": ["docs/benchmarks.md"],
         "onnx_runtime": ["docs/benchmarks.md"],
         "data_throughput": ["docs/data.md"],
+        "explain_quality": ["docs/explain.md"],
+        "app_latency": ["docs/app.md"],
+        "relevance_cost": ["docs/explain.md"],
     }
     for name, files in blocks.items():
         for file in files:
