@@ -424,9 +424,9 @@ def test_page_handlers_put_bad_input_in_the_status(explorer: Explorer, tmp_path:
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--model", MODEL, "--checkpoint", "x.ckpt"], "give one of --checkpoint PATH or --model NAME"),
-    ([], "give one of --checkpoint PATH or --model NAME"),
-    (["--checkpoint", "x.ckpt", "--weights", "w.safetensors"], "--weights needs --model NAME"),
+    (["--model", MODEL, "--checkpoint", "x.ckpt"], "give exactly one of --checkpoint PATH or --model NAME"),
+    ([], "give exactly one of --checkpoint PATH or --model NAME"),
+    (["--checkpoint", "x.ckpt", "--weights", "w.safetensors"], "--weights goes with --model NAME"),
     (["--model", MODEL, "--port", "0"], "argument --port: must be a TCP port, an int in 1..65535, got '0'"),
     (["--model", MODEL, "--auth-file", "missing-users.txt"], "--auth-file 'missing-users.txt' does not exist"),
     (["--model", MODEL, "--dataset", "mnist"], "--dataset 'mnist' is unknown"),

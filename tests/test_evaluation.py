@@ -192,7 +192,7 @@ def test_evaluate_maps_cli_on_the_embedded_dataset(tmp_path: Path, capsys: pytes
     for bad, message in (
         (["--method", "nope"], "--method ['nope'] unknown"),
         (["--boxes", "b.json"], "--boxes applies to --images"),
-        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--batch-size", "0"], "--batch-size: must be an int >= 1, got '0'"),
     ):
         with pytest.raises(SystemExit) as exit_:
             evaluate_main([*argv[:4], *bad, "--out", str(tmp_path / "bad")])

@@ -18,7 +18,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vision_attn._cli import check_device, json_object_option
+from vision_attn._cli import (
+    add_model_source,
+    add_plugin_option,
+    check_device,
+    check_model_source,
+    int_at_least,
+    preload_plugins,
+)
 
 __all__ = ["build_parser", "main", "read_auth_file"]
 
@@ -33,16 +40,6 @@ def _port(text: str) -> int:
     return value
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of ``vision-attn app``."""
     parser = argparse.ArgumentParser(
@@ -51,14 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         "classes and the map of any explain method that applies, per layer and head for token models. Needs the "
         "'app' extra (pip install 'vision_attn[app]').",
     )
-    source = parser.add_argument_group("model (one of)")
-    source.add_argument("--checkpoint", metavar="PATH", help="train.py checkpoint (.ckpt), export folder or "
-                        ".safetensors with its metadata")  # fmt: skip
-    source.add_argument("--model", metavar="NAME", help="vision_attn or timm model name (random weights unless "
-                        "--weights)")  # fmt: skip
-    source.add_argument("--weights", metavar="FILE", help="bare weights (.safetensors/.pth) for --model")
-    source.add_argument("--model-args", default="{}", metavar="JSON",
-                        help='keyword arguments for --model, e.g. \'{"num_classes": 10, "in_chans": 1}\'')  # fmt: skip
+    add_model_source(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                         "only; 0.0.0.0 exposes the app to the network, with no login unless --auth-file)")  # fmt: skip
     parser.add_argument("--port", type=_port, default=None, help="TCP port (default: 7860 or the next free one)")
@@ -67,10 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default="cluttered_fashion_mnist:test", metavar="NAME[:SPLIT]",
                         help="where the examples come from, with their object boxes (default: the embedded "
                         "'cluttered_fashion_mnist:test')")  # fmt: skip
-    parser.add_argument("--examples", type=_count, default=24, metavar="N", help="how many examples to offer "
+    parser.add_argument("--examples", type=int_at_least(0), default=24, metavar="N", help="how many examples to offer "
                         "(default 24; 0: none)")  # fmt: skip
-    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE", help="import MODULE (a module "
-                        "name or a .py file) first, so the methods it registers are offered; repeatable")  # fmt: skip
+    add_plugin_option(parser)
     parser.add_argument("--cmap", default="jet", help="matplotlib colormap of the maps (default jet)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     return parser
@@ -119,17 +108,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Bad arguments exit with code 2 and a one-line message (a model file that cannot be loaded, a malformed
     ``--auth-file``, a taken ``--port``, gradio missing)."""
+    preload_plugins(argv, "vision-attn app")
     parser = build_parser()
     args = parser.parse_args(argv)
-    if (args.checkpoint is None) == (args.model is None):
-        parser.error("give one of --checkpoint PATH or --model NAME")
-    if args.weights is not None and args.model is None:
-        parser.error("--weights needs --model NAME (a --checkpoint brings its own weights)")
     try:
         from vision_attn.data.images import parse_dataset_spec
-        from vision_attn.explain.runner import load_plugins
 
-        model_args = json_object_option(args.model_args, "--model-args")
+        model_args = check_model_source(args)
         device = check_device(args.device)
         auth = read_auth_file(args.auth_file) if args.auth_file else None
         if args.examples:
@@ -138,7 +123,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.cmap not in colormaps:
             raise ValueError(f"--cmap {args.cmap!r} is not a matplotlib colormap (e.g. jet, viridis, inferno)")
-        load_plugins(args.plugin)
     except (ValueError, TypeError, FileNotFoundError) as err:
         parser.error(str(err))
     try:

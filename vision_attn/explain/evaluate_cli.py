@@ -16,28 +16,25 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from vision_attn._cli import check_device, json_object_option
+from vision_attn._cli import (
+    add_model_source,
+    add_plugin_option,
+    check_device,
+    check_model_source,
+    int_at_least,
+    preload_plugins,
+)
 from vision_attn._data_config import resolve_data_config
 from vision_attn._io import atomic_write_text, check_writable_dir
 from vision_attn.data.images import find_image_files, parse_dataset_spec, read_boxes
 from vision_attn.explain.evaluation import as_json, evaluate_maps, evaluation_table
 from vision_attn.explain.registry import list_methods
-from vision_attn.explain.runner import load_inputs, load_plugins
+from vision_attn.explain.runner import load_inputs
 from vision_attn.models import load_model
 
 __all__ = ["build_parser", "main"]
 
 DEFAULT_DATASET = "cluttered_fashion_mnist:test"
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {text!r}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,26 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
         "pointing game, energy in box, mask AP and mIoU, deletion and insertion AUC, the randomisation and "
         "class-sensitivity checks, and the cost; writes scores.json and table.md.",
     )
-    source = parser.add_argument_group("model (one of)")
-    source.add_argument("--checkpoint", metavar="PATH", help="train.py checkpoint, export folder or .safetensors")
-    source.add_argument("--model", metavar="NAME", help="vision_attn or timm model name (with --weights)")
-    source.add_argument("--weights", metavar="FILE", help="weights for --model")
-    source.add_argument("--model-args", default="{}", metavar="JSON", help="keyword arguments for --model")
+    add_model_source(parser)
     parser.add_argument("--dataset", default=None, metavar="NAME[:SPLIT]",
                         help=f"images with boxes and masks (default: {DEFAULT_DATASET})")  # fmt: skip
     parser.add_argument("--images", nargs="+", default=None, metavar="PATH", help="instead: image files or folders")
     parser.add_argument("--boxes", default=None, metavar="JSON", help="boxes of --images (see vision-attn explain)")
-    parser.add_argument("--limit", type=_positive, default=None, help="use only the first N dataset images")
+    parser.add_argument("--limit", type=int_at_least(1), default=None, help="use only the first N dataset images")
     parser.add_argument(
         "--method", nargs="+", default=None, metavar="M",
         help=f"methods to score (default: every one that applies), of {', '.join(list_methods())}",
     )  # fmt: skip
-    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
-                        help="import MODULE first (it may register methods); may be repeated")  # fmt: skip
-    parser.add_argument("--target", type=_positive, default=None, help="class to explain (default: the predicted)")
-    parser.add_argument("--steps", type=_positive, default=16, help="deletion / insertion steps (0: skip them)")
-    parser.add_argument("--batch-size", type=_positive, default=50)
-    parser.add_argument("--sanity-images", type=_positive, default=32,
+    add_plugin_option(parser)
+    parser.add_argument("--target", type=int_at_least(0), default=None, help="class to explain (default: predicted)")
+    parser.add_argument("--steps", type=int_at_least(0), default=16, help="deletion / insertion steps (0: skip them)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=50)
+    parser.add_argument("--sanity-images", type=int_at_least(0), default=32,
                         help="images for the randomisation and class-sensitivity checks (0: skip them)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of the randomised models")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
@@ -77,16 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(args: argparse.Namespace) -> dict[str, Any]:
-    if (args.checkpoint is None) == (args.model is None):
-        raise ValueError("give exactly one of --checkpoint PATH or --model NAME (with --weights FILE)")
-    if args.weights is not None and args.model is None:
-        raise ValueError("--weights goes with --model NAME")
+    model_args = check_model_source(args)
     if args.images is not None and args.dataset is not None:
         raise ValueError("give --images or --dataset, not both")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
     dataset = None if args.images is not None else (args.dataset or DEFAULT_DATASET)
     if dataset is not None:
         parse_dataset_spec(dataset)
@@ -101,21 +86,15 @@ def _check(args: argparse.Namespace) -> dict[str, Any]:
         methods = list(dict.fromkeys(args.method))
     paths = find_image_files(args.images) if args.images is not None else None
     boxes = read_boxes(args.boxes, paths) if args.boxes else None
-    return dict(model_args=json_object_option(args.model_args, "--model-args"), device=check_device(args.device),
+    return dict(model_args=model_args, device=check_device(args.device),
                 dataset=dataset, methods=methods, paths=paths, boxes=boxes,
                 out=check_writable_dir(args.out, "--out"))  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``vision-attn evaluate-maps``; returns the exit code (0 on success, 2 on bad arguments)."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--plugin", action="append", default=[])
-    known, _ = pre.parse_known_args(argv)
+    preload_plugins(argv, "vision-attn evaluate-maps")
     parser = build_parser()
-    try:
-        load_plugins(known.plugin)
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
     args = parser.parse_args(argv)
     try:
         plan = _check(args)
