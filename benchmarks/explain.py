@@ -4,7 +4,8 @@ forward, and batched explain() vs a per-image loop.
 **Targets** (issue 28; same process, a batch of 2, vs a plain forward of the same batch with the model's default
 attention): DINOv2-S with registers at its native 518 px (1,369 patch tokens): ``explain(rollout)`` <= 1.3x and
 ``explain(gradient_rollout)`` <= 3x; Swin-T at 224 px: ``explain(rollout)`` <= 1.5x. Each is also measured for its
-peak memory above the forward's, in a fresh process (``ru_maxrss`` on CPU, ``max_memory_allocated`` on CUDA).
+peak memory above the forward's, in a fresh process (the peak resident size on CPU, ``max_memory_allocated`` on
+CUDA).
 
 For each model, on one batch of ``--batch-size`` images (random weights, eval mode, no gradients unless the
 method needs them):
@@ -31,12 +32,11 @@ import platform
 import resource
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import timm
 import torch
+from _timing import interleaved_times  # benchmarks/ is on sys.path when run
 
 import vision_attn
 from vision_attn.explain import AttentionRecorder, attention_rollout, explain
@@ -129,7 +129,7 @@ def bench_targets(quick: bool, device: str, repeats: int) -> list[str]:
                 model(x)
 
         runs = [lambda m=m, model=model, x=x: explain(model, x, m) for m in methods]
-        times = _best_times([forward, *runs], repeats)
+        times = interleaved_times([forward, *runs], repeats, device, reduce=min)
         threads = torch.get_num_threads()
         memory = {m: _peak_in_fresh_process(key, size, m, device, threads) for m in ["forward", *methods]}
         for method, seconds in zip(methods, times[1:], strict=True):
@@ -141,19 +141,6 @@ def bench_targets(quick: bool, device: str, repeats: int) -> list[str]:
                 f"{memory[method]:.0f} MiB |"
             )
     return rows
-
-
-def _best_times(fns: list[Callable[[], object]], repeats: int) -> list[float]:
-    """Best-of-``repeats`` seconds per function, runs interleaved so that load changes hit all alike."""
-    for fn in fns:
-        fn()  # warm-up
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, runs in zip(fns, times, strict=True):
-            start = time.perf_counter()
-            fn()
-            runs.append(time.perf_counter() - start)
-    return [min(runs) for runs in times]
 
 
 def bench_model(name: str, size: int, batch_size: int, loop_images: int, repeats: int, device: str) -> list[str]:
@@ -172,19 +159,21 @@ def bench_model(name: str, size: int, batch_size: int, loop_images: int, repeats
             model(x)
         attention_rollout(rec.attentions, num_prefix_tokens=num_prefix, grid_size=grid)
 
-    t_fwd, t_cap = _best_times([forward, capture_rollout], repeats)
+    t_fwd, t_cap = interleaved_times([forward, capture_rollout], repeats, device, reduce=min)
     rows = [
         f"| {name} | {size} | forward / capture+rollout | {batch_size} | {t_fwd * 1e3:.1f} ms | "
         f"{t_cap * 1e3:.1f} ms | overhead x{t_cap / t_fwd:.2f} |"
     ]
     sub = x[:loop_images]
     for method in ("rollout", "gradient_rollout"):
-        t_batch, t_loop = _best_times(
+        t_batch, t_loop = interleaved_times(
             [
                 lambda m=method: explain(model, sub, method=m),
                 lambda m=method: [explain(model, sub[i : i + 1], method=m) for i in range(len(sub))],
             ],
             2,
+            device,
+            reduce=min,
         )
         rows.append(
             f"| {name} | {size} | explain({method}) batched / loop | {len(sub)} | {t_batch * 1e3:.1f} ms | "

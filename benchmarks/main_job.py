@@ -33,21 +33,21 @@ from typing import Any
 
 import yaml
 from _machine import REPO, docs_allowed, publish, settle, write_block  # benchmarks/ is on sys.path when run
+from _timing import timed
 
 from vision_attn._io import atomic_write_bytes, atomic_write_text
 
 RUN_DIR = REPO / "runs" / "bench_main_job"  # the default job only: context_probe.py reads its newest export
 OTHER_RUN_DIR = REPO / "runs" / "bench_main_job_other"  # runs with --budget or overrides
 CONFIG = REPO / "configs" / "default.yaml"
-METHODS = ("rollout", "gradient_rollout", "attention", "random")
+METHODS = ("rollout", "gradient_rollout", "transformer_attribution", "attnlrp", "attention", "random")
 
 
 def run(cmd: list[str]) -> float:
     """Run ``cmd`` in the repository with albumentations kept offline; returns its wall time in seconds."""
     print("$", " ".join(cmd), flush=True)
-    start = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
-    return time.perf_counter() - start
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    return timed(lambda: subprocess.run(cmd, cwd=REPO, check=True, env=env))
 
 
 def main_job(extra: list[str], run_dir: Path = RUN_DIR) -> dict[str, Any]:
@@ -96,7 +96,7 @@ def explain_scores(export: Path, out: Path) -> dict[str, Any]:
 def figure(export: Path, out: Path) -> Path:
     """The image x method grid of six test images; returns the path of ``grid.png``."""
     run([sys.executable, "-m", "vision_attn.cli", "explain", "--checkpoint", str(export), "--dataset",
-         "cluttered_fashion_mnist:test", "--limit", "6", "--method", *METHODS[:3], "--scores", "energy_pointing",
+         "cluttered_fashion_mnist:test", "--limit", "6", "--method", *METHODS[:-1], "--scores", "energy_pointing",
          "--steps", "0", "--no-overlays", "--out", str(out)])  # fmt: skip
     return out / "grid.png"
 

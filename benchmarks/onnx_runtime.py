@@ -18,13 +18,12 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import yaml
 from _machine import REPO, publish, settle  # benchmarks/ is on sys.path when run
-from _timing import time_inference
+from _timing import time_inference, timed
 
 import vision_attn
 from vision_attn.data.datasets import DATASETS
@@ -49,9 +48,7 @@ def bench(model: torch.nn.Module, session, x: torch.Tensor, repeats: int) -> tup
     feed = {"images": x.numpy()}
 
     def run_ort() -> float:
-        start = time.perf_counter()
-        session.run(["logits"], feed)
-        return time.perf_counter() - start
+        return timed(lambda: session.run(["logits"], feed))
 
     times: dict[str, list[float]] = {"eager": [], "onnxruntime": []}
     for i in range(repeats + 2):  # the first two rounds warm up

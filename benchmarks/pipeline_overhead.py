@@ -27,12 +27,12 @@ import json
 import math
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import yaml
 from _machine import REPO, publish, settle  # benchmarks/ is on sys.path when run
+from _timing import timed
 
 from vision_attn.data import ImageDataModule
 from vision_attn.training import ImageClassifier
@@ -58,19 +58,23 @@ def bare_run(epochs: int) -> dict[str, float]:
     clip = cfg.get("trainer", {}).get("gradient_clip_val") or 0.0
     smoothing = model.get("label_smoothing", 0.1)
     images = 0
-    start = time.perf_counter()
-    for epoch in range(epochs):
-        loader.sampler.set_epoch(epoch)
-        for batch, targets in loader:
-            loss = classification_loss(net(batch), targets, smoothing)  # the recipe's loss (context outliers too)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
-            optimizer.step()
-            scheduler.step()
-            images += batch.shape[0]
-    return {"seconds": time.perf_counter() - start, "images": images}
+
+    def train() -> None:
+        nonlocal images
+        for epoch in range(epochs):
+            loader.sampler.set_epoch(epoch)
+            for batch, targets in loader:
+                loss = classification_loss(net(batch), targets, smoothing)  # the recipe's loss (context outliers too)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if clip:
+                    torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+                optimizer.step()
+                scheduler.step()
+                images += batch.shape[0]
+
+    seconds = timed(train, next(net.parameters()).device)
+    return {"seconds": seconds, "images": images}
 
 
 def pipeline_run(epochs: int) -> dict[str, float]:

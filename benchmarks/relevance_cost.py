@@ -13,19 +13,20 @@ Run::
 
     python benchmarks/relevance_cost.py --threads 1   # 7 repeats
     python benchmarks/relevance_cost.py --quick       # 3 repeats, smaller batches
+    python benchmarks/relevance_cost.py --write-docs  # on a quiet machine: also the block in docs/explain.md
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from functools import partial
 
 import timm
 import torch
+from _machine import REPO, publish, settle  # benchmarks/ is on sys.path when run
+from _timing import interleaved_times
 from torch import nn
 
 import vision_attn
@@ -56,19 +57,6 @@ def _models(quick: bool) -> list[tuple[str, Callable[[], nn.Module], tuple[int, 
     ]
 
 
-def median_times(fns: list[Callable[[], object]], repeats: int) -> list[float]:
-    """Median seconds per function over ``repeats`` interleaved rounds (after one warm-up round)."""
-    for fn in fns:
-        fn()
-    runs: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, times in zip(fns, runs, strict=True):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return [statistics.median(times) for times in runs]
-
-
 def bench(label: str, model: nn.Module, x: torch.Tensor, repeats: int) -> list[str]:
     """Markdown rows ``| model | images | method | forward | method | ratio |`` for one model."""
     targets = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
@@ -79,7 +67,7 @@ def bench(label: str, model: nn.Module, x: torch.Tensor, repeats: int) -> list[s
 
     rows = []
     for name, method in METHODS.items():
-        t_forward, t_method = median_times([forward, lambda m=method: m(model, x, targets)], repeats)
+        t_forward, t_method = interleaved_times([forward, lambda m=method: m(model, x, targets)], repeats, x.device)
         rows.append(
             f"| {label} | {x.shape[0]} x {'x'.join(map(str, x.shape[1:]))} | {name} | {t_forward * 1e3:.1f} ms | "
             f"{t_method * 1e3:.1f} ms | x{t_method / t_forward:.2f} |"
@@ -94,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 7, quick 3)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--write-docs", action="store_true", help="rewrite the relevance_cost block (quiet machine)")
+    parser.add_argument("--allow-load", action="store_true", help="write docs even if the machine was busy")
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
@@ -101,16 +91,24 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 7)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
-    print(f"device: {args.device} ({device_name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"medians of {repeats} interleaved runs, random weights, eval mode; ratio = method / plain forward\n")
-    print("| model | batch | method | forward | method | ratio |")
-    print("|---|---|---|---|---|---|")
+    load = settle(1.0, 120.0 if args.write_docs else 0.0)
+    header = (f"device: {args.device} ({device_name}), torch {torch.__version__}, threads {torch.get_num_threads()}; "
+              f"medians of {repeats} interleaved runs, random weights, eval mode; ratio = method / plain forward; "
+              f"1-minute load average before: {load['loadavg'][0]}")  # fmt: skip
+    lines = ["| model | batch | method | forward | method | ratio |", "|---|---|---|---|---|---|"]
+    print(header + "\n")
+    print("\n".join(lines))
     for label, factory, shape, batch_size in _models(args.quick):
         torch.manual_seed(0)
         model = factory().eval().to(args.device)
         x = torch.randn(batch_size, *shape, device=args.device)
         for row in bench(label, model, x, repeats):
             print(row, flush=True)
+            lines.append(row)
+    if args.write_docs:
+        made_by = f"\n\n{header}. Made by `python benchmarks/relevance_cost.py --write-docs`."
+        return publish("relevance_cost", "\n".join(lines) + made_by, [REPO / "docs" / "explain.md"], load,
+                       args.allow_load)  # fmt: skip
     return 0
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from _machine import REPO, docs_allowed, settle, write_block  # benchmarks/ is on sys.path when run
+from _timing import timed
 
 from vision_attn._io import atomic_write_text
 
@@ -79,10 +80,11 @@ def train(model: str, max_time: str, extra: list[str], runs: Path) -> dict[str, 
         *extra,
     ]  # fmt: skip
     print("$", " ".join(cmd), flush=True)
-    start_wall, start = time.time(), time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    start_wall = time.time()
+    seconds = timed(lambda: subprocess.run(cmd, cwd=REPO, check=True, env=env))
     summary = _summary_for(run_root, start_wall)
-    summary["process_seconds"] = round(time.perf_counter() - start, 1)
+    summary["process_seconds"] = round(seconds, 1)
     return summary
 
 

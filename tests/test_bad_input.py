@@ -99,7 +99,7 @@ API_CASES = {
     ),
     # explain
     "NaN image": (lambda m, t: explain(m, _nan_images()), ValueError, r"NaN or Inf values \(batch indices \[1\]\)"),
-    "unknown method": (lambda m, t: explain(m, torch.randn(1, 3, 32, 32), "saliency"), ValueError, r"expected one of"),
+    "unknown method": (lambda m, t: explain(m, torch.randn(1, 3, 32, 32), "occlusion"), ValueError, r"expected one of"),
     "unknown head fusion": (
         lambda m, t: attention_rollout([attn()], head_fusion="median"),
         ValueError,

@@ -17,6 +17,26 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import _machine  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+import _timing  # noqa: E402
+
+
+def test_timing_synchronizes_the_device_before_reading_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[str] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
+    clock = iter(range(100))
+    import vision_attn._timing as timing
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: events.append("clock") or float(next(clock)))
+    assert _timing.timed(lambda: events.append("work"), "cuda:0") == 1.0
+    assert events == ["sync", "clock", "work", "sync", "clock"]  # the clock stops after the queued work is done
+    events.clear()
+    _timing.timed(lambda: events.append("work"), "cpu")
+    assert events == ["clock", "work", "clock"]  # nothing to wait for on the CPU
+    order: list[str] = []
+    medians = _timing.interleaved_times([lambda: order.append("a"), lambda: order.append("b")], 3, "cpu", warmup=1)
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then alternating turns
+    assert len(medians) == 2
 
 
 def test_write_block_replaces_only_the_marked_block(tmp_path: Path) -> None:
@@ -52,6 +72,10 @@ def test_docs_carry_every_block_the_benchmarks_write() -> None:
         "pipeline_overhead": ["docs/training.md"],
         "throughput": ["docs/benchmarks.md"],
         "onnx_runtime": ["docs/benchmarks.md"],
+        "data_throughput": ["docs/data.md"],
+        "explain_quality": ["docs/explain.md"],
+        "app_latency": ["docs/app.md"],
+        "relevance_cost": ["docs/explain.md"],
     }
     for name, files in blocks.items():
         for file in files:

@@ -171,7 +171,7 @@ def test_unknown_dataset_lists_known_ones() -> None:
         ImageDataModule("cifar11")
     assert all(name in str(err.value) for name in list_datasets())
     assert {"cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "stl10", "flowers102", "oxford_iiit_pet",
-            "imagenette", "image_folder", "cluttered_fashion_mnist"} == set(DATASETS)  # fmt: skip
+            "imagenette", "image_folder", "cluttered_fashion_mnist", "hf", "litdata"} == set(DATASETS)  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["cifar10", "fashion_mnist", "svhn", "imagenette"])

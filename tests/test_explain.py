@@ -376,8 +376,8 @@ def test_spatial_maps_of_conv_attention_follow_image_aspect() -> None:
 
 def test_explain_bad_input(tiny_vit: nn.Module, tiny_cnn: nn.Module) -> None:
     x = torch.randn(1, 3, 32, 32)
-    with pytest.raises(ValueError, match=r"method 'saliency' is unknown; expected one of \('rollout'"):
-        explain(tiny_vit, x, method="saliency")
+    with pytest.raises(ValueError, match=r"method 'occlusion' is unknown; expected one of \('rollout'"):
+        explain(tiny_vit, x, method="occlusion")
     with pytest.raises(ValueError, match="no token-attention modules"):
         explain(tiny_cnn, torch.randn(1, 3, 64, 64), method="rollout")
     with pytest.raises(ValueError, match="no spatial attention maps"):

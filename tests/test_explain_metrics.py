@@ -210,7 +210,7 @@ def test_cli_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         explain_main(["--model", "va_vit_tiny_patch4_32", "--images", str(tmp_path / "missing.png"), "--out", "x"])
     assert "neither a file nor a folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        explain_main(["--images", "a.png", "--out", str(tmp_path), "--method", "saliency"])
+        explain_main(["--images", "a.png", "--out", str(tmp_path), "--method", "occlusion"])
     assert "is not [K:]METHOD with METHOD 'all' or one of ('rollout'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         explain_main(["--model", "resnet10t", "--images", "a.png", "--out", str(tmp_path), "--method", "1:gradcam"])

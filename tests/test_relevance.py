@@ -694,3 +694,33 @@ def test_bad_arguments_name_the_argument() -> None:
     with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
         attnlrp(lambda x: x, images)
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_attnlrp_at_the_pixels_carries_the_tokens_relevance_through_a_bias_free_patch_embedding() -> None:
+    from vision_attn.explain import explain
+    from vision_attn.explain._common import apply_sign
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=4).eval()
+    with torch.no_grad():
+        model.patch_embed.proj.bias.zero_()  # a linear patch embedding without bias conserves relevance
+    x = torch.randn(3, 3, 32, 32)
+    tokens = attnlrp(model, x, level="tokens")
+    pixels = attnlrp(model, x, level="pixels")
+    assert tokens.shape == (3, 4, 4)
+    assert pixels.shape == (3, 32, 32)
+    torch.testing.assert_close(pixels.sum(dim=(1, 2)), tokens.sum(dim=(1, 2)), rtol=1e-4, atol=1e-5)
+    patches = pixels.reshape(3, 4, 8, 4, 8).sum(dim=(2, 4))  # each patch's pixels hold its token's relevance
+    torch.testing.assert_close(patches, tokens, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"level 'image' is unknown; expected one of \('tokens', 'pixels'\)"):
+        attnlrp(model, x, level="image")
+    signed = torch.tensor([[-2.0, 0.0, 1.0]])
+    assert apply_sign(signed, "positive").tolist() == [[0.0, 0.0, 1.0]]
+    assert apply_sign(signed, "absolute").tolist() == [[2.0, 0.0, 1.0]]
+    maps = explain(model, x, "attnlrp")  # the registered method shows the positive part by default
+    positive = apply_sign(tokens, "positive")
+    expected = torch.nn.functional.interpolate(positive[:, None], size=(32, 32), mode="bilinear")[:, 0]
+    expected = (expected - expected.flatten(1).amin(1)[:, None, None]) / (
+        expected.flatten(1).amax(1) - expected.flatten(1).amin(1)
+    )[:, None, None]
+    torch.testing.assert_close(maps, expected)

@@ -59,6 +59,15 @@ def test_config_fast_dev_run(config: Path, tmp_path: Path, request: pytest.Fixtu
         args += ["--data.name=image_folder", f"--data.data_dir={folder}"]  # download: true stays (nothing to fetch)
     if config.stem.startswith("finetune"):
         args += ["--model.pretrained=false", "--data.img_size=64", "--model.model_args={}"]  # no download, small
+    if config.stem.endswith("_shards_multinode"):  # LitData shards of the CIFAR-10 JPEGs, on this one CPU
+        pytest.importorskip("litdata")  # the `datasets` extra
+        from vision_attn.data.shards import write_shards
+
+        shards = tmp_path / "shards"
+        write_shards(ImageDataModule("image_folder", str(request.getfixturevalue("cifar_folder")), img_size=32), shards)
+        args += [f"--data.data_dir={shards}", "--trainer.strategy=auto", "--trainer.num_nodes=1",
+                 "--trainer.sync_batchnorm=false", f"--run_dir={tmp_path / 'run'}"]  # fmt: skip
+        tmp_path = tmp_path / "run"
     assert main(args) == 0
     run = run_folder(tmp_path)
     summary = json.loads((run / "summary.json").read_text())
@@ -104,6 +113,13 @@ def test_fit_resume_export_and_reload(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(x), module(x))
     assert (run_folder(tmp_path) / "export" / "model.json").is_file()  # the ExportBackbone callback's own export
+    # the eval preprocessing validation used is recorded with the checkpoint and the export, and read back
+    recorded = {"input_size": [1, 64, 64], "crop_pct": 1.0, "interpolation": "bilinear", "crop_mode": "center"}
+    assert {k: ckpt["vision_attn"][k] for k in recorded} == {**recorded, "input_size": (1, 64, 64)}
+    config = json.loads((run_folder(tmp_path) / "export" / "config.json").read_text())["pretrained_cfg"]
+    assert {k: config[k] for k in recorded} == recorded
+    _, info = vision_attn.load_trained(run_folder(tmp_path) / "export")
+    assert vision_attn.resolve_data_config(model, info)["mean"] == pytest.approx((0.1198,))
 
 
 @pytest.mark.parametrize(

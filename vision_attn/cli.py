@@ -1,4 +1,5 @@
-"""``vision-attn`` console script: ``fit|validate|test|predict`` (LightningCLI), ``explain`` and ``export``."""
+"""``vision-attn`` console script: ``fit|validate|test|predict`` (LightningCLI), ``explain``, ``evaluate-maps``,
+``export``, ``shard``, ``app``, ``models`` and ``methods``."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import os
 import pickle
 import sys
 
-USAGE = """usage: vision-attn {fit,validate,test,predict,explain,export,models,methods} ...
+USAGE = """usage: vision-attn {fit,validate,test,predict,explain,evaluate-maps,export,shard,app,models,methods} ...
 
   fit|validate|test|predict   train / evaluate with LightningCLI (same as python train.py ...)
   explain                     write attention-map overlays and scores for images
+  evaluate-maps               score every explain method on images with boxes / masks (+ sanity checks, cost)
   export                      write a trained model as a timm/HF folder, ONNX, TorchScript or .pt2
+  shard                       write a config's dataset as LitData shards (train with data.name: litdata)
+  app                         explore a model's attention maps in the browser (a Gradio app; the 'app' extra)
   models [PATTERN]            list the registered model names
   methods [--plugin MODULE]   list the explain methods (what each needs, its options), as a markdown table
 """
@@ -54,6 +58,10 @@ def _dispatch(argv: list[str]) -> int:
             raise ValueError(f"vision-attn methods takes no arguments but --plugin MODULE, got {rest}")
         print(registry.methods_markdown())
         return 0
+    if command == "evaluate-maps":
+        from vision_attn.explain.evaluate_cli import main as evaluate_main
+
+        return evaluate_main(rest)
     if command == "explain":
         from vision_attn.explain.cli import main as explain_main
 
@@ -62,6 +70,14 @@ def _dispatch(argv: list[str]) -> int:
         from vision_attn.export.cli import main as export_main
 
         return export_main(rest)
+    if command == "shard":
+        from vision_attn.data.shard_cli import main as shard_main
+
+        return shard_main(rest)
+    if command == "app":
+        from vision_attn.app.cli import main as app_main
+
+        return app_main(rest)
     if command in ("fit", "validate", "test", "predict"):
         from vision_attn.training.cli import main as train_main
 

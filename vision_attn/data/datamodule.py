@@ -16,6 +16,7 @@ from vision_attn.data.datasets import TransformedDataset, build_dataset, dataset
 from vision_attn.data.image_folder import LAYOUT, folder_classes, image_folder_splits
 from vision_attn.data.outliers import ContextOutliers
 from vision_attn.data.resumable import EpochSampler
+from vision_attn.data.sources import open_source
 from vision_attn.data.transforms import build_train_transform, create_transform
 from vision_attn.data.verify import BAD_IMAGE_POLICIES
 
@@ -39,6 +40,10 @@ class ImageDataModule(L.LightningDataModule):
     repeated to RGB, RGB data with ``in_chans=1`` converted to luminance.
     ``num_classes``, ``in_chans``, ``img_size``, ``mean`` and ``std`` are attributes right after construction
     (LightningCLI links them to the model).
+
+    ``name='hf'`` reads the Hugging Face dataset ``hf_name`` (:mod:`vision_attn.data.hf`: ``hf_config``, the split
+    names, ``image_column`` / ``label_column``, ``streaming``; ``data_dir`` is its cache); ``name='litdata'`` streams
+    the LitData shards that ``vision-attn shard`` wrote to ``data_dir`` (:mod:`vision_attn.data.shards`).
 
     ``context_outliers=k`` (datasets with object boxes, such as the embedded one) adds to each training batch the
     context-only versions of its first ``k`` images, labelled ``-1``: the training loss asks for a uniform
@@ -69,10 +74,23 @@ class ImageDataModule(L.LightningDataModule):
         eval_interpolation: str = "bilinear",
         bad_images: str = "error",
         context_outliers: int = 0,
+        hf_name: str | None = None,
+        hf_config: str | None = None,
+        train_split: str = "train",
+        val_split: str | None = None,
+        test_split: str | None = None,
+        image_column: str | None = None,
+        label_column: str | None = None,
+        streaming: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         info = dataset_info(name)
+        self.source = open_source(name, data_dir, hf_name=hf_name, hf_config=hf_config, train_split=train_split,
+                                  val_split=val_split, test_split=test_split, image_column=image_column,
+                                  label_column=label_column, streaming=streaming)  # fmt: skip
+        if self.source is not None:  # hf / litdata: classes (and the shards' recorded statistics) from the data
+            info = self.source.info(info)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if not 0.0 < test_fraction < 1.0:
@@ -147,12 +165,16 @@ class ImageDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Download (if asked) on one process only; datasets without a download (``image_folder``, the embedded
         one) are not read here (``setup`` reads them once, with the ``bad_images`` policy)."""
-        if self.download and self.name not in ("image_folder", "cluttered_fashion_mnist"):
+        if self.source is not None:
+            self.source.prepare()
+        elif self.download and self.name not in ("image_folder", "cluttered_fashion_mnist"):
             for split in ("train", "test"):
                 build_dataset(self.name, self.data_dir, split, download=True)
 
     def _splits(self) -> tuple[Dataset, Dataset | None, Dataset | None]:
         """The raw (train, val, test) datasets; ``None`` for a split to hold out of the train images."""
+        if self.source is not None:
+            return self.source.datasets()
         read = dict(download=False, bad_images=self.bad_images)
         train = build_dataset(self.name, self.data_dir, "train", **read)
         if self.name != "image_folder":
@@ -172,6 +194,9 @@ class ImageDataModule(L.LightningDataModule):
         ``validate``/``test``/``predict`` never read the train set, so they work on any dataset."""
         outliers = self.context_outliers if stage in (None, "fit") else 0
         if self.train_set is not None and (not outliers or isinstance(self.train_set, ContextOutliers)):
+            return
+        if self.source is not None and self.source.iterable:
+            self._setup_streams(outliers)
             return
         train, val, test = self._splits()
         self.classes = list(getattr(train, "classes", []) or [str(i) for i in range(self.num_classes)])
@@ -209,9 +234,21 @@ class ImageDataModule(L.LightningDataModule):
         self.test_set = TransformedDataset(test if test is not None else train, self.eval_transform, self.in_chans,
                                            test_idx)  # fmt: skip
 
+    def _setup_streams(self, outliers: int) -> None:
+        """Streamed splits (LitData shards, a streamed Hugging Face dataset): read in the order the source gives,
+        split between ranks and workers by the source; hold-outs are the source's (see its ``streams``)."""
+        if outliers:
+            raise ValueError(f"data.context_outliers={outliers} needs object boxes for the training images, and "
+                             f"dataset {self.name!r} has none; set data.context_outliers=0")  # fmt: skip
+        self.classes = list(self.source.class_names)
+        self.hparams["class_names"] = list(self.classes)
+        self.train_set, self.val_set, self.test_set = self.source.streams(self)
+
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
+        if self.source is not None and self.source.iterable:
+            return self.source.loader(dataset, self.batch_size if train else self.eval_batch_size, self.num_workers)
         # the train order and augmentations follow (seed, epoch) and the loader's position is saved in
         # checkpoints, so a run resumed mid-epoch sees exactly the batches an unbroken run would
         return StatefulDataLoader(

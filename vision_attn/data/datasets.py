@@ -74,6 +74,13 @@ def _image_folder(
     return ImageFolder(folder, bad_images, classes)
 
 
+def _own_reader(name: str) -> Callable[..., Dataset]:
+    def build(root: Path, split: str, download: bool) -> Dataset:
+        raise ValueError(f"dataset {name!r} is read by ImageDataModule(name={name!r}, ...), not by build_dataset")
+
+    return build
+
+
 _CLUTTERED_STATS = ((0.1198,), (0.2703,))  # from the shipped file's meta (see vision_attn.data.cluttered)
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -96,6 +103,10 @@ DATASETS: dict[str, DatasetInfo] = {
     "imagenette": DatasetInfo(10, 3, 224, IMAGENET_MEAN, IMAGENET_STD,
                               _tv(tvd.Imagenette, _split_as("train", "val"), size="320px"), "imagenette2-320/"),
     "image_folder": DatasetInfo(None, 3, 224, IMAGENET_MEAN, IMAGENET_STD, _image_folder, LAYOUT),
+    # read by their own sources (vision_attn.data.hf, vision_attn.data.shards), which fill in classes and statistics
+    "hf": DatasetInfo(None, 3, 224, IMAGENET_MEAN, IMAGENET_STD, _own_reader("hf"), "a Hugging Face dataset (hf_name)"),
+    "litdata": DatasetInfo(None, 3, 224, IMAGENET_MEAN, IMAGENET_STD, _own_reader("litdata"),
+                           "the shards written by vision-attn shard"),
 }  # fmt: skip
 
 

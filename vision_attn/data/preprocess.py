@@ -38,8 +38,15 @@ def _open(path: Path, name: str) -> Image.Image:
     if not path.is_file():
         raise FileNotFoundError(f"{name} {str(path)!r} does not exist or is not a file")
     try:
-        with Image.open(path) as probe:  # reads the header only
-            width, height = probe.size
+        with warnings.catch_warnings():  # a size over the limit is refused below, with the limit named
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as probe:  # reads the header only
+                width, height = probe.size
+    except Image.DecompressionBombError as err:  # PIL refuses over twice its limit before the size can be read
+        raise ValueError(
+            f"{name} {str(path)!r} has more pixels than the limit of {MAX_IMAGE_PIXELS:,} "
+            f"(vision_attn.data.preprocess.MAX_IMAGE_PIXELS): {err}; downscale it first"
+        ) from err
     except (OSError, SyntaxError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
         raise ValueError(f"{name} {str(path)!r} cannot be read as an image: {err}") from err
     if width * height > MAX_IMAGE_PIXELS:

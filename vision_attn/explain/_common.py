@@ -16,7 +16,9 @@ from torch import nn
 from vision_attn.layers.checks import check_images
 
 __all__ = [
+    "SIGNS",
     "NotApplicableError",
+    "apply_sign",
     "check_logits",
     "check_model_images",
     "check_target",
@@ -192,6 +194,22 @@ def eval_mode(model: nn.Module, caller: str = "explain", stacklevel: int = 4) ->
     finally:
         for module, training in flags:
             module.training = training
+
+
+SIGNS = ("positive", "absolute", "signed")  # how a signed attribution becomes a map
+
+
+def apply_sign(attributions: torch.Tensor, sign: str) -> torch.Tensor:
+    """A signed attribution map as a map of evidence: its ``'positive'`` part (for the class; the reading of LRP
+    heatmaps and of captum's ``sign='positive'``), its ``'absolute'`` value, or ``'signed'`` (min-max scaling then
+    puts the strongest evidence against the class at 0 and no evidence in between)."""
+    if sign == "positive":
+        return attributions.clamp(min=0)
+    if sign == "absolute":
+        return attributions.abs()
+    if sign == "signed":
+        return attributions
+    raise ValueError(f"sign {sign!r} is unknown; expected one of {SIGNS}")
 
 
 def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

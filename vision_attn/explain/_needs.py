@@ -23,6 +23,12 @@ def unmet_need(need: str, model: nn.Module, method: str) -> str:
         except NotApplicableError as err:
             return f"{err} ({method!r} reads relevance there)"
         return ""
+    if need == "captum":
+        import importlib.util
+
+        if importlib.util.find_spec("captum") is None:
+            return f"method {method!r} runs captum, which is not installed: pip install 'vision_attn[references]'"
+        return ""
     if need == "spatial_attention":
         recorder = AttentionRecorder(model)
         kinds = {kind for name, kind in recorder.kinds.items() if name not in recorder.token_names}

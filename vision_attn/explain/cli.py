@@ -17,29 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from vision_attn._cli import check_device, json_object_option
+from vision_attn._cli import add_plugin_option, check_device, int_at_least, json_object_option, preload_plugins
 from vision_attn._data_config import INTERPOLATIONS, channel_stats, resolve_data_config
 from vision_attn._io import atomic_write_text, check_writable_dir
 from vision_attn.data.images import find_image_files, parse_dataset_spec, read_boxes
 from vision_attn.explain._common import NotApplicableError, upsample_maps
 from vision_attn.explain.registry import get_method, list_methods
-from vision_attn.explain.runner import SCORES, explain_batches, load_inputs, load_plugins, predict, score_maps
+from vision_attn.explain.runner import SCORES, explain_batches, load_inputs, predict, score_maps
 from vision_attn.models import load_model
 
 __all__ = ["build_parser", "main", "per_class_means"]
-
-def _int_at_least(minimum: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}, got {text!r}")
-        return value
-
-    return parse
-
 
 def _fraction(text: str) -> float:
     try:
@@ -93,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME[:SPLIT]",
         help="instead of --images: the embedded dataset, 'cluttered_fashion_mnist:test' (with boxes)",
     )
-    parser.add_argument("--limit", type=_int_at_least(1), default=None, help="use only the first N dataset images")
+    parser.add_argument("--limit", type=int_at_least(1), default=None, help="use only the first N dataset images")
     parser.add_argument(
         "--method",
         nargs="+",
@@ -103,14 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         "method applies to every model it suits, or with a prefix K: only to the K-th model (0-based, checkpoints "
         "first); methods that do not apply to a model are skipped and listed",
     )
-    parser.add_argument(
-        "--plugin",
-        action="append",
-        default=[],
-        metavar="MODULE",
-        help="import MODULE (a module name or a .py file) first, so the explain methods it registers with "
-        "vision_attn.explain.register_method can be named in --method; may be repeated",
-    )
+    add_plugin_option(parser)
     parser.add_argument(
         "--scores",
         nargs="+",
@@ -120,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument(
-        "--target", type=_int_at_least(0), default=None, help="class to explain (default: the predicted one)"
+        "--target", type=int_at_least(0), default=None, help="class to explain (default: the predicted one)"
     )
     parser.add_argument(
         "--target-layer",
@@ -137,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--img-size",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         nargs="+",
         default=None,
         metavar="N",
@@ -169,10 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="input normalization std: 1 value or one per model input channel",
     )
-    parser.add_argument("--steps", type=_int_at_least(0), default=16, help="deletion/insertion steps (0: skip them)")
-    parser.add_argument("--grid-images", type=_int_at_least(1), default=8, help="rows of grid.png (first N images)")
+    parser.add_argument("--steps", type=int_at_least(0), default=16, help="deletion/insertion steps (0: skip them)")
+    parser.add_argument("--grid-images", type=int_at_least(1), default=8, help="rows of grid.png (first N images)")
     parser.add_argument("--no-overlays", action="store_true", help="write no per-image overlay PNGs")
-    parser.add_argument("--batch-size", type=_int_at_least(1), default=32)
+    parser.add_argument("--batch-size", type=int_at_least(1), default=32)
     parser.add_argument("--alpha", type=_fraction, default=0.5, help="overlay opacity in [0, 1]")
     parser.add_argument("--cmap", default="jet", help="matplotlib colormap")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
@@ -305,14 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     from vision_attn.explain.plot import method_grid, save_overlay
 
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--plugin", action="append", default=[])
-    known, _ = pre.parse_known_args(argv)
+    preload_plugins(argv, "vision-attn explain")  # before the parser: --method and its help name their methods
     parser = build_parser()
-    try:
-        load_plugins(known.plugin)  # before parsing: --method and its help name the methods they register
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
     args = parser.parse_args(argv)
     try:
         plan = _check_arguments(args)

@@ -418,25 +418,36 @@ def embedding_module(model: nn.Module) -> nn.Module:
 
 
 def lrp_forward(
-    model: nn.Module, images: torch.Tensor, rules: LRPRules, inner: Any = None
+    model: nn.Module, images: torch.Tensor, rules: LRPRules, leaf: str = "tokens", inner: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``model(images)`` once under ``rules``; return ``(output, embeddings)``.
 
     ``embeddings`` is the output of ``model.patch_embed`` (``[B, N, D]`` or ``[B, gh, gw, D]``), swapped by a
     temporary forward hook for a detached leaf that requires grad, so the graph starts there and
-    ``embeddings * torch.autograd.grad(score, embeddings)[0]`` is the relevance of each token embedding. ``inner``: a
-    context entered inside ``rules`` (an :class:`~vision_attn.explain.AttentionRecorder`, which then sees the
-    attention as the rules compute it). The model
+    ``embeddings * torch.autograd.grad(score, embeddings)[0]`` is the relevance of each token embedding. With
+    ``leaf='pixels'`` the graph starts at the images instead (``[B, C, H, W]``, returned in place of the
+    embeddings): the relevance then also flows through the patch embedding (convolutions and linear layers keep
+    their plain gradient, epsilon-LRP). ``inner``: a context entered inside ``rules`` (an
+    :class:`~vision_attn.explain.AttentionRecorder`, which then sees the attention as the rules compute it). The model
     runs with its parameters detached (``torch.func.functional_call``), so input-dependent tensors are exactly those
     that require grad. The hook is removed and the parameters are back in place when this returns (also on error).
-    Raises :class:`~vision_attn.explain.NotApplicableError` for a model without a ``patch_embed`` that runs once and
-    returns a tensor.
+    Raises :class:`~vision_attn.explain.NotApplicableError` for a model without a patch embedding (the module its
+    family adapter names) that runs once and returns a tensor (or a tuple starting with one).
     """
+    if leaf not in ("tokens", "pixels"):
+        raise ValueError(f"leaf must be 'tokens' or 'pixels', got {leaf!r}")
+    parameters = {key: value.detach() for key, value in model.named_parameters()}
+    inner = inner if inner is not None else contextlib.nullcontext()
+    if leaf == "pixels":
+        embedding_module(model)
+        pixels = images.detach().requires_grad_(True)
+        with torch.enable_grad(), rules, inner:
+            return torch.func.functional_call(model, parameters, (pixels,)), pixels
     name = type(model).__name__
     patch_embed = embedding_module(model)
     captured: list[torch.Tensor] = []
 
-    def leaf(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    def swap(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         tensor = output[0] if isinstance(output, tuple) and output else output  # (tokens, grid size) in some families
         if not isinstance(tensor, torch.Tensor):
             raise NotApplicableError(
@@ -447,10 +458,9 @@ def lrp_forward(
         start = captured[-1].clone()  # the model may modify its embeddings in place (NaFlexViT adds positions)
         return (start, *output[1:]) if isinstance(output, tuple) else start
 
-    handle = patch_embed.register_forward_hook(leaf)
-    parameters = {key: value.detach() for key, value in model.named_parameters()}
+    handle = patch_embed.register_forward_hook(swap)
     try:
-        with torch.enable_grad(), rules, (inner if inner is not None else contextlib.nullcontext()):
+        with torch.enable_grad(), rules, inner:
             output = torch.func.functional_call(model, parameters, (images,))
     finally:
         handle.remove()

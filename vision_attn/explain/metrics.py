@@ -1,8 +1,10 @@
-"""Scores for saliency maps, batched: localisation against boxes and faithfulness by deletion / insertion.
+"""Scores for saliency maps, batched: localisation against boxes and object masks, faithfulness by deletion /
+insertion.
 
 Maps are ``[B, H, W]`` at image resolution (as :func:`vision_attn.explain.explain` returns); boxes are
-``[B, 4]`` ``(x_min, y_min, x_max, y_max)`` in pixels with the max exclusive (the embedded dataset's format).
-Every function returns one score per image, ``[B]``; :func:`random_maps` is the random-map baseline.
+``[B, 4]`` ``(x_min, y_min, x_max, y_max)`` in pixels with the max exclusive (the embedded dataset's format); masks
+are ``[B, H, W]`` booleans, True on the object's own pixels. Every function returns one score per image, ``[B]``;
+:func:`random_maps` is the random-map baseline.
 """
 
 from __future__ import annotations
@@ -25,10 +27,14 @@ from vision_attn.explain._common import (
 
 __all__ = [
     "SUBSTRATES",
+    "average_precision",
     "box_masks",
     "deletion_auc",
     "energy_pointing",
     "insertion_auc",
+    "mask_ap",
+    "mask_iou",
+    "mask_pixel_accuracy",
     "pointing_game",
     "random_maps",
 ]
@@ -99,6 +105,82 @@ def energy_pointing(maps: torch.Tensor, boxes: torch.Tensor | Sequence[Sequence[
     total = mass.sum(dim=1)
     mass = torch.where(total[:, None] > 0, mass, torch.ones_like(mass))
     return (mass * masks.flatten(1)).sum(dim=1) / mass.sum(dim=1)
+
+
+def _check_masks(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    _check_maps(maps)
+    if not isinstance(masks, torch.Tensor):
+        raise TypeError(f"masks must be a torch.Tensor [B, H, W], got {type(masks).__name__}")
+    if masks.shape != maps.shape:
+        raise ValueError(
+            f"masks have shape {tuple(masks.shape)} for maps {tuple(maps.shape)}; give one [H, W] mask per map, at "
+            "the map's size"
+        )
+    return masks.to(device=maps.device, dtype=torch.bool)
+
+
+def _segment(maps: torch.Tensor) -> torch.Tensor:
+    """The foreground of each map as Chefer et al. threshold it: min-max scaled, above its own mean."""
+    flat = maps.detach().float().flatten(1)
+    low, high = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
+    scaled = (flat - low) / (high - low).clamp(min=torch.finfo(torch.float32).tiny)
+    return (scaled > scaled.mean(dim=1, keepdim=True)).view_as(maps)
+
+
+def mask_pixel_accuracy(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Share of pixels the thresholded map labels right (object vs background), ``[B]`` in [0, 1].
+
+    The ImageNet-segmentation protocol of Chefer et al. 2021 ("Transformer Interpretability Beyond Attention
+    Visualization", their ``imagenet_seg_eval.py``): each map is min-max scaled and thresholded at its mean.
+    """
+    masks = _check_masks(maps, masks)
+    return (_segment(maps) == masks).flatten(1).float().mean(dim=1)
+
+
+def mask_iou(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mean IoU of the thresholded map (as in :func:`mask_pixel_accuracy`) over the two classes, object and
+    background, ``[B]`` in [0, 1] (Chefer et al. 2021 pool intersections and unions over the dataset; this is
+    per image). A class absent from both mask and prediction counts as IoU 1."""
+    masks = _check_masks(maps, masks).flatten(1)
+    predicted = _segment(maps).flatten(1)
+    ious = []
+    for pred, true in ((predicted, masks), (~predicted, ~masks)):
+        inter, union = (pred & true).sum(dim=1).float(), (pred | true).sum(dim=1).float()
+        ious.append(torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)))
+    return torch.stack(ious).mean(dim=0)
+
+
+def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Average precision of ``scores`` ``[B, N]`` against boolean ``labels`` ``[B, N]``, per row, ``[B]``: the area
+    under the precision-recall curve as a step sum over the distinct score thresholds, ``sum_k (R_k - R_{k-1}) P_k``
+    (scikit-learn's ``average_precision_score``, tied scores taken together). A row without positives gives 0."""
+    scores, labels = scores.detach().float(), labels.bool()
+    if scores.shape != labels.shape or scores.ndim != 2:
+        raise ValueError(f"scores {tuple(scores.shape)} and labels {tuple(labels.shape)} must both be [B, N]")
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    ranked, hits = scores.gather(1, order), labels.gather(1, order).float()
+    true_pos, seen = hits.cumsum(dim=1), torch.arange(1, scores.shape[1] + 1, device=scores.device).float()
+    last_of_tie = torch.ones_like(ranked, dtype=torch.bool)
+    last_of_tie[:, :-1] = ranked[:, 1:] != ranked[:, :-1]  # thresholds sit at the last of each run of equal scores
+    positives = hits.sum(dim=1, keepdim=True)
+    recall = true_pos / positives.clamp(min=1)
+    precision = true_pos / seen
+    recall_at = torch.where(last_of_tie, recall, torch.zeros_like(recall))
+    # step sum over the thresholds: the recall gained since the previous threshold, times the precision there
+    previous = torch.cummax(torch.cat([torch.zeros_like(recall[:, :1]), recall_at[:, :-1]], dim=1), dim=1).values
+    gained = torch.where(last_of_tie, recall - previous, torch.zeros_like(recall))
+    return torch.where(positives[:, 0] > 0, (gained * precision).sum(dim=1), torch.zeros_like(positives[:, 0]))
+
+
+def mask_ap(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Average precision of the map against the object mask, ``[B]`` in [0, 1], as in the ImageNet-segmentation
+    protocol of Chefer et al. 2021: the min-max scaled map scores the object pixels and ``1 - map`` the background
+    pixels, and one AP is taken over both (their ``get_ap_scores`` on the two-class one-hot)."""
+    masks = _check_masks(maps, masks).flatten(1)
+    flat = maps.detach().float().flatten(1)
+    low, high = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
+    scaled = (flat - low) / (high - low).clamp(min=torch.finfo(torch.float32).tiny)
+    return average_precision(torch.cat([1 - scaled, scaled], dim=1), torch.cat([~masks, masks], dim=1))
 
 
 def random_maps(

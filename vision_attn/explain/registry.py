@@ -38,6 +38,7 @@ NEEDS = {
     "token_embeddings": "token embeddings on a grid: a patch_embed module, where relevance is read",
     "class_target": "a classifier head (num_classes > 0): the method explains one class logit",
     "feature_layer": "a layer with a spatial feature map, or tokens on a known grid (Grad-CAM's target layer)",
+    "captum": "the captum package (an optional extra: pip install 'vision_attn[references]')",
     "spatial_attention": "attention CNN modules that compute spatial maps (gates, or attention over positions)",
 }
 _FIXED_PARAMS = ("model", "images", "target")

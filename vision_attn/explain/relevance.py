@@ -34,7 +34,9 @@ from vision_attn.explain.flow import flow_gradient_rollout
 from vision_attn.explain.lrp import LINEAR_RULES, LRPRules, embedding_module, lrp_forward, safe_divide
 from vision_attn.explain.tokens import _refusal, token_attention_problem, token_layout
 
-__all__ = ["attnlrp", "transformer_attribution"]
+__all__ = ["LEVELS", "attnlrp", "transformer_attribution"]
+
+LEVELS = ("tokens", "pixels")  # where attnlrp reads the relevance: the token embeddings or the input pixels
 
 Targets = int | Sequence[int] | torch.Tensor | None
 
@@ -102,7 +104,7 @@ def _scores(logits: torch.Tensor, model: nn.Module, targets: Targets) -> tuple[t
     return one_hot.detach(), targets
 
 
-def attnlrp(model: nn.Module, images: torch.Tensor, targets: Targets = None) -> torch.Tensor:
+def attnlrp(model: nn.Module, images: torch.Tensor, targets: Targets = None, level: str = "tokens") -> torch.Tensor:
     """AttnLRP relevance of each patch token for the target logit: ``images [B, C, H, W] -> [B, gh, gw]``.
 
     Achtibat et al., ICML 2024, "AttnLRP: Attention-Aware Layer-wise Relevance Propagation for Transformers", in its
@@ -115,6 +117,8 @@ def attnlrp(model: nn.Module, images: torch.Tensor, targets: Targets = None) -> 
     ``model.patch_embed``) times that gradient, summed over channels; position embeddings, class, register and
     distillation tokens keep their shares, so the map holds the patch tokens only, on the model's grid.
     ``targets``: ``None`` = the predicted class, an int for all images, or one index per image.
+    ``level='pixels'`` reads the relevance at the input pixels instead (summed over channels, ``[B, H, W]``): the
+    rules then continue through the patch embedding (its convolutions and linear layers with the plain gradient).
 
     Relevance is conserved by every rule but the softmax (its Taylor decomposition at x leaves a bias term, Prop.
     3.1); biases, position embeddings and prefix tokens take their shares: with none of these, the summed relevance
@@ -124,11 +128,15 @@ def attnlrp(model: nn.Module, images: torch.Tensor, targets: Targets = None) -> 
     :class:`~vision_attn.explain.NotApplicableError` for models without token embeddings (CNNs) or without a
     classifier.
     """
+    if level not in LEVELS:
+        raise ValueError(f"level {level!r} is unknown; expected one of {LEVELS}")
     model, inputs = _prepare(model, images, "attnlrp")
     with eval_mode(model, caller="attnlrp"):
-        logits, embeddings = lrp_forward(model, inputs, LRPRules("attnlrp"))
+        logits, embeddings = lrp_forward(model, inputs, LRPRules("attnlrp"), leaf=level)
     one_hot, _ = _scores(logits, model, targets)
     (grad,) = torch.autograd.grad(logits, embeddings, grad_outputs=one_hot)
+    if level == "pixels":
+        return (embeddings * grad).detach().float().sum(dim=1).to(images.device)  # B, C, H, W -> B, H, W
     return _embedding_map(model, embeddings, grad, (images.shape[-2], images.shape[-1])).to(images.device)
 
 

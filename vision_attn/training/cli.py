@@ -6,8 +6,10 @@ Every command writes into its own run folder ``<run_dir>/version_K/`` (logs, ``c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -165,14 +167,19 @@ class VisionAttnCLI(LightningCLI):
             _check_run_length(config.trainer)
         inherited = os.environ.get(RUN_FOLDER_ENV)
         is_worker = inherited is not None and int(os.environ.get("LOCAL_RANK", "0") or 0) > 0
-        config.ckpt_path = _resolve_ckpt_path(config.get("ckpt_path"), config.run_dir, subcommand, quiet=is_worker)
+        launched = _launcher_rank() > 0  # started by torchrun / srun beside rank zero, not by it
+        config.ckpt_path = _resolve_ckpt_path(config.get("ckpt_path"), config.run_dir, subcommand,
+                                              quiet=is_worker or launched)  # fmt: skip
         if is_worker:  # a DDP process started by rank zero: same folder, rank zero holds the lock
             folder = Path(inherited)
+        elif launched:  # torchrun / srun started it beside rank zero: the folder rank zero claimed and named
+            folder = _wait_for_run_folder(config.run_dir)
         else:
             run = self._open_run(config, subcommand)
             self.run_folders.append(run)
             folder = run.path
             os.environ[RUN_FOLDER_ENV] = str(folder)
+            _name_run_folder(config.run_dir, folder, run)
         self.run_folder = folder
         config.trainer.default_root_dir = str(folder)
         config.checkpoint.dirpath = config.step_checkpoint.dirpath = str(folder / CHECKPOINT_DIR)
@@ -198,6 +205,52 @@ class VisionAttnCLI(LightningCLI):
             check_writable_dir(run.path / CHECKPOINT_DIR, "checkpoint folder")
         print(f"{subcommand}: {'continuing in' if run.resumed else 'writing into'} run folder {run.path}")
         return run
+
+
+def _launch_file(run_dir: str) -> Path | None:
+    """Where rank zero names its run folder for the ranks an external launcher started beside it (one file per
+    launch: torchrun's run id, SLURM's job and step), ``None`` without such a launcher."""
+    launch = os.environ.get("TORCHELASTIC_RUN_ID")
+    if launch is None and "SLURM_JOB_ID" in os.environ and "SLURM_PROCID" in os.environ:
+        launch = f"slurm-{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '0')}"
+    if launch is None or int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) or 1) < 2:
+        return None
+    return Path(run_dir) / f".launch-{''.join(c if c.isalnum() or c in '-_.' else '_' for c in launch)}"
+
+
+def _name_run_folder(run_dir: str, folder: Path, run: RunFolder) -> None:
+    """Rank zero of an external launch: write ``folder`` into the launch file (removed when the run releases it)."""
+    path = _launch_file(run_dir)
+    if path is not None:
+        atomic_write_text(path, str(folder))
+        run.on_release(path)
+
+
+def _wait_for_run_folder(run_dir: str, timeout: float = 300.0) -> Path:
+    """The run folder rank zero named in the launch file; a ``ValueError`` after ``timeout`` seconds (``run_dir``
+    must be on a filesystem all nodes share, as checkpoints for ``--ckpt_path`` must)."""
+    path = _launch_file(run_dir)
+    deadline = time.monotonic() + timeout
+    while path is not None:
+        with contextlib.suppress(OSError):
+            return Path(path.read_text(encoding="utf-8").strip())
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    raise ValueError(
+        f"rank {_launcher_rank()}: rank zero did not name its run folder in {str(path)!r} within {timeout:.0f} s; "
+        "run_dir must be a folder that every node shares"
+    )
+
+
+def _launcher_rank() -> int:
+    """This process's global rank as set by an external launcher (``RANK``: torchrun; ``SLURM_PROCID``: srun), else
+    0. Lightning's own launcher passes its run folder to the processes it starts instead."""
+    for key in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(key, "")
+        if value.isdigit():
+            return int(value)
+    return 0
 
 
 def _check_run_length(trainer: Namespace) -> None:

@@ -42,10 +42,19 @@ class RunFolder:
         self.resumed = resumed
         self._lock_fd = lock_fd
         self._created = list(created)  # parent folders made for this run, deepest first
+        self._notes: list[Path] = []
+
+    def on_release(self, path: Path) -> None:
+        """Remove the file ``path`` (a note about this run kept beside it) when the folder is released."""
+        self._notes.append(path)
 
     def release(self) -> None:
         """Unlock the folder; a folder this process claimed and left without files (a failed start) is removed,
         with the parent folders it had to create."""
+        for note in self._notes:
+            with contextlib.suppress(OSError):
+                note.unlink()
+        self._notes = []
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

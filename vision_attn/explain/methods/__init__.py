@@ -9,5 +9,6 @@ from vision_attn.explain.methods import attnlrp  # noqa: F401
 from vision_attn.explain.methods import attention  # noqa: F401
 from vision_attn.explain.methods import gradcam  # noqa: F401
 from vision_attn.explain.methods import spatial  # noqa: F401
+from vision_attn.explain.methods import captum_baselines  # noqa: F401
 from vision_attn.explain.methods import random_baseline  # noqa: F401
 # isort: on

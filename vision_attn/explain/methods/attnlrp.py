@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from vision_attn.explain._common import apply_sign
 from vision_attn.explain.registry import register_method
 from vision_attn.explain.relevance import attnlrp as attnlrp_relevance
 
@@ -15,13 +16,17 @@ from vision_attn.explain.relevance import attnlrp as attnlrp_relevance
 @register_method(
     "attnlrp",
     needs=("token_embeddings", "class_target"),
-    description="LRP relevance of each token embedding for the target class, with AttnLRP's rules for softmax, "
-    "products, norms and non-linearities",
+    description="LRP relevance of each token embedding (or pixel) for the target class, with AttnLRP's rules for "
+    "softmax, products, norms and non-linearities; its positive part by default",
     reference="Achtibat et al. 2024",
 )
 def attnlrp(
-    model: nn.Module, images: torch.Tensor, target: int | Sequence[int] | torch.Tensor | None = None
+    model: nn.Module,
+    images: torch.Tensor,
+    target: int | Sequence[int] | torch.Tensor | None = None,
+    level: str = "tokens",
+    sign: str = "positive",
 ) -> torch.Tensor:
-    """AttnLRP relevance of the patch tokens for the ``target`` logits, ``[B, gh, gw]`` (see
-    :func:`vision_attn.explain.relevance.attnlrp`)."""
-    return attnlrp_relevance(model, images, target)
+    """AttnLRP relevance for the ``target`` logits of the patch tokens, ``[B, gh, gw]`` (or of the pixels with
+    ``level='pixels'``, ``[B, H, W]``), its ``sign`` part (see :func:`vision_attn.explain.relevance.attnlrp`)."""
+    return apply_sign(attnlrp_relevance(model, images, target, level=level), sign)
