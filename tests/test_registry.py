@@ -4,8 +4,6 @@ through ``--plugin``) and the method table like the built-in ones; the docs' met
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import torch
 from PIL import Image
 
 import vision_attn
+import vision_attn.cli
 from vision_attn.explain import NotApplicableError, applicable_methods, explain, get_method, list_methods
 from vision_attn.explain import register_method as register
 from vision_attn.explain.cli import main as explain_main
@@ -118,7 +117,9 @@ def test_the_cli_runs_a_registered_method_and_all(toy, tmp_path: Path) -> None:
     assert [s["method"] for s in result["skipped"]] == ["spatial"]  # a ViT has no CNN attention maps
 
 
-def test_plugin_modules_register_methods_for_the_cli(tmp_path: Path) -> None:
+def test_plugin_modules_register_methods_for_the_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     plugin = tmp_path / "my_methods.py"
     plugin.write_text(
         "import torch\n"
@@ -131,22 +132,32 @@ def test_plugin_modules_register_methods_for_the_cli(tmp_path: Path) -> None:
     )
     image = tmp_path / "x.png"
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)]), "NO_ALBUMENTATIONS_UPDATE": "1"}
+    monkeypatch.syspath_prepend(str(tmp_path))
     argv = ["--model", "va_vit_tiny_patch4_32", "--model-args", '{"depth": 1}', "--images", str(image), "--steps",
             "0", "--method", "centre_prior", "--out", str(tmp_path / "out")]  # fmt: skip
-    run = [sys.executable, "-m", "vision_attn.cli", "explain"]
-    for spec in ("my_methods", str(plugin)):  # a module name on the path, or a file
-        done = subprocess.run([*run, "--plugin", spec, *argv], env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr
-        assert list(json.loads((tmp_path / "out" / "scores.json").read_text())["summary"]) == ["centre_prior"]
-        with Image.open(tmp_path / "out" / "x_centre_prior.png") as overlay:
-            assert overlay.size == (32, 32)
-    missing = subprocess.run([*run, *argv], env=env, capture_output=True, text=True, timeout=300)
-    assert missing.returncode == 2
-    assert "--method 'centre_prior' is not [K:]METHOD" in missing.stderr  # without the plugin it is unknown
-    listed = subprocess.run([*run[:-1], "methods", "--plugin", "my_methods"], env=env, capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
-    assert "| `centre_prior` | — | `width` | a Gaussian at the image centre |" in listed.stdout
+    with pytest.raises(SystemExit) as exit_:  # without the plugin the method is unknown
+        explain_main(argv)
+    assert exit_.value.code == 2
+    assert "--method 'centre_prior' is not [K:]METHOD" in capsys.readouterr().err
+    try:
+        for spec in ("my_methods", str(plugin)):  # a module name on the path, or a file
+            _METHODS.pop("centre_prior", None)
+            sys.modules.pop("my_methods", None)
+            assert explain_main(["--plugin", spec, *argv]) == 0
+            assert list(json.loads((tmp_path / "out" / "scores.json").read_text())["summary"]) == ["centre_prior"]
+            with Image.open(tmp_path / "out" / "x_centre_prior.png") as overlay:
+                assert overlay.size == (32, 32)
+        _METHODS.pop("centre_prior", None)
+        sys.modules.pop("my_methods", None)
+        capsys.readouterr()
+        assert vision_attn.cli.main(["methods", "--plugin", "my_methods"]) == 0
+        assert "| `centre_prior` | — | `width` | a Gaussian at the image centre |" in capsys.readouterr().out
+        with pytest.raises(SystemExit):
+            explain_main(["--plugin", str(tmp_path / "missing.py"), *argv])
+        assert "--plugin" in capsys.readouterr().err
+    finally:
+        _METHODS.pop("centre_prior", None)
+        sys.modules.pop("my_methods", None)
 
 
 def test_docs_list_every_registered_method() -> None:
