@@ -19,6 +19,9 @@ Usage::
     python benchmarks/explain_quality.py                # ~15 minutes on 2 idle cores; prints the table
     python benchmarks/explain_quality.py --write-docs   # also rewrites the block in docs/explain.md
     python benchmarks/explain_quality.py --limit 100 --sanity-images 16 --allow-load   # a quick look
+
+When ``runs/swin_default`` holds a trained Swin (``python train.py fit --config configs/swin_default.yaml``), its
+maps are scored too, in a second table: a hierarchical model's explanations against the same boxes and masks.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from vision_attn.explain.runner import load_inputs
 from vision_attn.explain.tokens import token_layout
 
 RUN_DIR = REPO / "runs" / "bench_main_job"
+SWIN_RUN_DIR = REPO / "runs" / "swin_default"  # python train.py fit --config configs/swin_default.yaml
+SWIN_METHODS = ("rollout", "gradient_rollout", "transformer_attribution", "attnlrp", "gradcam", "random")
 REFERENCES = ("pytorch_grad_cam", "integrated_gradients", "saliency", "lxt_attnlrp")
 OURS = ("rollout", "gradient_rollout", "transformer_attribution", "attnlrp", "attnlrp_pixels", "attention",
         "gradcam", "gradcam++", "layercam")  # fmt: skip
@@ -91,12 +96,23 @@ def lxt_attnlrp(model: nn.Module, images: torch.Tensor, target: Any = None) -> t
     )
 
 
-def newest_export(run_dir: Path = RUN_DIR) -> Path:
-    """The export folder of the newest main-job run."""
+def newest_export(run_dir: Path = RUN_DIR, how: str = "run benchmarks/main_job.py first") -> Path:
+    """The export folder of the newest run in ``run_dir``."""
     exports = sorted(run_dir.glob("version_*/export"), key=lambda p: int(p.parent.name.split("_")[1]))
     if not exports:
-        raise FileNotFoundError(f"no export under {run_dir}: run benchmarks/main_job.py first")
+        raise FileNotFoundError(f"no export under {run_dir}: {how}")
     return exports[-1]
+
+
+def test_accuracy(export: Path) -> str:
+    """The test top-1 of the run that wrote ``export`` (its ``summary.json``), as text."""
+    import json
+
+    summary = export.parent / "summary.json"
+    if not summary.is_file():
+        return "test top-1 unknown"
+    acc = json.loads(summary.read_text()).get("test", {}).get("metrics", {}).get("test/acc1")
+    return "test top-1 unknown" if acc is None else f"test top-1 {100 * acc:.1f} %"
 
 
 def targets_met(results: list[MethodEvaluation]) -> list[str]:
@@ -151,10 +167,26 @@ def main(argv: list[str] | None = None) -> int:
         model, inputs, methods, steps=args.steps, batch_size=args.batch_size, sanity_images=args.sanity_images,
         progress=lambda method, stage: print(f"  {method}: {stage}", flush=True),
     )  # fmt: skip
-    table = evaluation_table(results, skipped)
+    table = f"Main job model (`{info['model_name']}`, {test_accuracy(Path(source))}):\n\n" + evaluation_table(
+        results, skipped
+    )
     print(table)
     for line in targets_met(results):
         print(line)
+    if any(SWIN_RUN_DIR.glob("version_*/export")):
+        swin_source = newest_export(SWIN_RUN_DIR, "train configs/swin_default.yaml")
+        swin, swin_info = vision_attn.load_model(checkpoint=swin_source)
+        swin_inputs = load_inputs(vision_attn.resolve_data_config(swin, swin_info),
+                                  dataset="cluttered_fashion_mnist:test", limit=args.limit)  # fmt: skip
+        swin_results, swin_skipped = evaluate_maps(
+            swin, swin_inputs, [m for m in SWIN_METHODS if m in list_methods()], steps=args.steps,
+            batch_size=args.batch_size, sanity_images=args.sanity_images,
+            progress=lambda method, stage: print(f"  swin {method}: {stage}", flush=True),
+        )  # fmt: skip
+        swin_table = evaluation_table(swin_results, swin_skipped)
+        table += (f"\n\nSwin (`configs/swin_default.yaml`, {swin_info['model_name']} made small, "
+                  f"{test_accuracy(swin_source)}), the same images:\n\n{swin_table}")  # fmt: skip
+        print(swin_table)
     after = settle(float("inf"), 0)
     made_by = (
         f"\n\nMade by `python benchmarks/explain_quality.py --write-docs` ({len(inputs.names)} test images, sanity "
