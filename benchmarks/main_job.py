@@ -4,7 +4,8 @@
    training, validation, the final test and the export included), training images/s, epochs, test top-1/top-5 (the
    checkpoint selected on the validation hold-out, evaluated once on the test split).
 2. ``vision-attn explain`` on the exported model over the 1,000 embedded test images: pointing game, energy in box and
-   deletion AUC of rollout, gradient rollout, last-layer attention and a random baseline, overall and per true class.
+   deletion AUC of rollout, gradient rollout, the relevance methods (transformer attribution, AttnLRP), last-layer
+   attention and a random baseline, overall and per true class.
 3. The figure (six test images, true and predicted class, the maps) with ``vision-attn explain --limit 6``.
 
 Usage::
