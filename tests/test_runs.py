@@ -216,3 +216,23 @@ def test_a_failed_start_leaves_no_folder_behind(tmp_path: Path) -> None:
     (kept.path / "config.yaml").write_text("x")
     kept.release()
     assert (tmp_path / "runs" / "exp" / "version_0" / "config.yaml").is_file()
+
+
+def test_ranks_of_a_launch_ignore_a_killed_launchs_leftover_folder_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from vision_attn.training import cli
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's id when none is given: the same every launch
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    note = cli._launch_file(str(tmp_path))
+    note.write_text(str(tmp_path / "version_0"))  # left behind by a launch killed an hour ago
+    old = time.time() - 3600
+    os.utime(note, (old, old))
+    with pytest.raises(ValueError, match="rank 1: rank zero did not name its run folder"):
+        cli._wait_for_run_folder(str(tmp_path), timeout=0.3)
+    note.write_text(str(tmp_path / "version_1"))  # this launch's rank zero names its folder
+    assert cli._wait_for_run_folder(str(tmp_path), timeout=5) == tmp_path / "version_1"

@@ -43,6 +43,8 @@ __all__ = ["VisionAttnCLI", "main"]
 
 RUN_FOLDER_ENV = "VISION_ATTN_RUN_FOLDER"  # rank zero hands its run folder to the DDP processes it starts
 SIGTERM_EXIT_CODE = 128 + 15  # the shell's code for "ended by SIGTERM"
+_PROCESS_START = time.time()  # ranks of one launch start within seconds of each other
+LAUNCH_CLOCK_SLACK = 30.0  # seconds a launch file may predate this process and still be this launch's
 _CSV_LOGGERS = ("lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.loggers.csv_logs.CSVLogger")
 _OUR_CSV_LOGGER = "vision_attn.training.loggers.CSVLogger"
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -228,12 +230,15 @@ def _name_run_folder(run_dir: str, folder: Path, run: RunFolder) -> None:
 
 def _wait_for_run_folder(run_dir: str, timeout: float = 300.0) -> Path:
     """The run folder rank zero named in the launch file; a ``ValueError`` after ``timeout`` seconds (``run_dir``
-    must be on a filesystem all nodes share, as checkpoints for ``--ckpt_path`` must)."""
+    must be on a filesystem all nodes share, as checkpoints for ``--ckpt_path`` must). A file older than this process
+    (minus :data:`LAUNCH_CLOCK_SLACK` for clocks that differ between nodes) is a killed launch's leftover with the
+    same launch id, never this launch's: it is waited past, so a rank never writes into an earlier run's folder."""
     path = _launch_file(run_dir)
     deadline = time.monotonic() + timeout
     while path is not None:
         with contextlib.suppress(OSError):
-            return Path(path.read_text(encoding="utf-8").strip())
+            if path.stat().st_mtime >= _PROCESS_START - LAUNCH_CLOCK_SLACK:
+                return Path(path.read_text(encoding="utf-8").strip())
         if time.monotonic() > deadline:
             break
         time.sleep(0.1)
