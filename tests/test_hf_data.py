@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from hf_helpers import IDENTITY, IDENTITY_KWARGS, datasets, embedded_split, items_of, save_embedded
-from train_helpers import fit_args
+from train_helpers import crash_at, fit_args
 
 import vision_attn
 from vision_attn.data import ClutteredFashionMNIST, ImageDataModule
@@ -162,17 +162,6 @@ ARGS = ("--trainer.logger=false", "--overlays.every_n_epochs=0", "--step_checkpo
         "--data.name=hf", "--data.context_outliers=0", "--data.in_chans=1", *IDENTITY[-1:])  # fmt: skip
 
 
-def _crash_at(step_to_crash: int):
-    step = ImageClassifier.training_step
-
-    def crash(self, batch, batch_idx):
-        if self.global_step == step_to_crash:
-            raise RuntimeError("simulated crash")
-        return step(self, batch, batch_idx)
-
-    return crash
-
-
 def test_fit_crash_and_resume_matches_unbroken_run(hf_disk: Path, tmp_path: Path, monkeypatch) -> None:
     args = (*ARGS, f"--data.hf_name={hf_disk}", f"--data.data_dir={tmp_path / 'cache'}")
     steps = 4  # 2 epochs of 4 steps (batch 8 of the 72 training images)
@@ -183,7 +172,7 @@ def test_fit_crash_and_resume_matches_unbroken_run(hf_disk: Path, tmp_path: Path
     _, info = vision_attn.load_trained(tmp_path / "unbroken" / "version_0" / "export")
     assert info["class_names"] == CLASSES
     with monkeypatch.context() as patch:
-        patch.setattr(ImageClassifier, "training_step", _crash_at(7))
+        patch.setattr(ImageClassifier, "training_step", crash_at(7))
         with pytest.raises(RuntimeError, match="simulated crash"):
             main(fit_args(tmp_path / "crashed", *args, steps=steps, epochs=2))
     last = tmp_path / "crashed" / "version_0" / "checkpoints" / "last.ckpt"
@@ -197,7 +186,7 @@ def test_fit_crash_and_resume_matches_unbroken_run(hf_disk: Path, tmp_path: Path
 def test_streaming_fit_resumes_from_the_saved_position(hf_disk: Path, tmp_path: Path, monkeypatch) -> None:
     args = (*ARGS, f"--data.hf_name={hf_disk}", "--data.streaming=true", "--data.val_fraction=0.2")
     with monkeypatch.context() as patch:
-        patch.setattr(ImageClassifier, "training_step", _crash_at(3))
+        patch.setattr(ImageClassifier, "training_step", crash_at(3))
         with pytest.raises(RuntimeError, match="simulated crash"):
             main(fit_args(tmp_path / "run", *args, steps=6, epochs=1))
     last = tmp_path / "run" / "version_0" / "checkpoints" / "last.ckpt"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import fit_args, run_env, saved_step, signal_when
+from train_helpers import crash_at, fit_args, run_env, saved_step, signal_when
 
 from vision_attn.training import ImageClassifier
 from vision_attn.training.cli import main
@@ -78,22 +78,15 @@ def test_sigkill_mid_epoch_then_resume_matches_unbroken_run(unbroken, tmp_path):
 
 
 def test_a_crash_mid_epoch_then_resume_matches_unbroken_run(tmp_path, monkeypatch):
-    steps, crash_at = 6, 9  # 2 epochs of 6 steps; checkpoints every 2 steps, so the last one is at step 8
+    steps, crash_step = 6, 9  # 2 epochs of 6 steps; checkpoints every 2 steps, so the last one is at step 8
     args = ("--trainer.logger=false", "--overlays.every_n_epochs=0", "--step_checkpoint.every_n_train_steps=2")
     assert main(fit_args(tmp_path / "unbroken", *args, steps=steps, epochs=2)) == 0
     unbroken = torch.load(tmp_path / "unbroken" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
     assert unbroken["global_step"] == 2 * steps
 
-    step = ImageClassifier.training_step
-
-    def crash(self, batch, batch_idx):
-        if self.global_step == crash_at:
-            raise RuntimeError("simulated crash")
-        return step(self, batch, batch_idx)
-
     out = tmp_path / "crashed"
     with monkeypatch.context() as patch:
-        patch.setattr(ImageClassifier, "training_step", crash)
+        patch.setattr(ImageClassifier, "training_step", crash_at(crash_step))
         with pytest.raises(RuntimeError, match="simulated crash"):
             main(fit_args(out, *args, steps=steps, epochs=2))
     last = out / "version_0" / "checkpoints" / "last.ckpt"

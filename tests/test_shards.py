@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from hf_helpers import IDENTITY_KWARGS, digest, items_of, save_embedded
-from train_helpers import fit_args, run_env
+from train_helpers import crash_at, fit_args, run_env
 
 pytest.importorskip("litdata")
 
@@ -101,17 +101,6 @@ def test_each_rank_reads_its_own_samples_and_an_epoch_covers_the_split(shards: P
         assert first | second == everything
 
 
-def _crash_at(step_to_crash: int):
-    step = ImageClassifier.training_step
-
-    def crash(self, batch, batch_idx):
-        if self.global_step == step_to_crash:
-            raise RuntimeError("simulated crash")
-        return step(self, batch, batch_idx)
-
-    return crash
-
-
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_fit_crash_mid_epoch_and_resume_matches_unbroken_run(shards, tmp_path, monkeypatch, num_workers) -> None:
     args = ("--trainer.logger=false", "--overlays.every_n_epochs=0", "--step_checkpoint.every_n_train_steps=2",
@@ -123,7 +112,7 @@ def test_fit_crash_mid_epoch_and_resume_matches_unbroken_run(shards, tmp_path, m
     assert unbroken["global_step"] == steps * epochs
     assert unbroken["datamodule_hyper_parameters"]["class_names"] == CLASSES
     with monkeypatch.context() as patch:
-        patch.setattr(ImageClassifier, "training_step", _crash_at(3))
+        patch.setattr(ImageClassifier, "training_step", crash_at(3))
         with pytest.raises(RuntimeError, match="simulated crash"):
             main(fit_args(tmp_path / "crashed", *args, steps=steps, epochs=epochs))
     last = tmp_path / "crashed" / "version_0" / "checkpoints" / "last.ckpt"

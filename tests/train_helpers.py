@@ -78,3 +78,18 @@ class TinyNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(x.flatten(1))
+
+
+def crash_at(step_to_crash: int) -> Callable:
+    """A replacement for ``ImageClassifier.training_step`` that raises ``RuntimeError('simulated crash')`` at
+    optimizer step ``step_to_crash`` and trains normally before it (patch it in with ``monkeypatch.setattr``)."""
+    from vision_attn.training import ImageClassifier
+
+    step = ImageClassifier.training_step
+
+    def crash(self, batch, batch_idx):
+        if self.global_step == step_to_crash:
+            raise RuntimeError("simulated crash")
+        return step(self, batch, batch_idx)
+
+    return crash
