@@ -307,3 +307,58 @@ def test_str_target_is_a_type_error() -> None:
         for method in ("gradient_rollout", "rollout", "gradcam"):
             with pytest.raises(TypeError, match=r"target must"):
                 explain(model, x, method, target=target)
+
+
+@pytest.mark.parametrize("mask", [None, "bool", "additive"])
+@pytest.mark.parametrize("rows", ["all", "some"])
+def test_attention_backward_equals_autograd_with_the_layer_map(mask: str | None, rows: str) -> None:
+    """Gradient rollout's attention backward (one pass: ∇q, ∇k, ∇v and mean_h(relu(∇A ⊙ A))) equals autograd through
+    the explicit ops, for fewer keys than queries (spatially reduced keys), masks, a last partial block, and output
+    gradients on some query rows only (a class token's readout)."""
+    from vision_attn.explain.capture import attention_backward
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 37, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 3, 29, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    attn_mask = None
+    if mask == "bool":
+        attn_mask = torch.rand(37, 29) > 0.3
+        attn_mask[:, 0] = True  # every query attends somewhere
+    elif mask == "additive":
+        attn_mask = torch.randn(1, 3, 37, 29, dtype=torch.float64)
+    scores = (q * 8**-0.5) @ k.transpose(-2, -1)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, -torch.inf) if mask == "bool" else scores + attn_mask
+    probs = scores.softmax(dim=-1)
+    probs.retain_grad()
+    out = probs @ v
+    grad_out = torch.randn_like(out)
+    if rows == "some":
+        grad_out[:, :, 3:30] = 0
+        grad_out[0, 1, 10] = 1.0  # one row with a gradient in one image and head only
+    out.backward(grad_out)
+    grads = attention_backward(q.detach(), k.detach(), v.detach(), out.detach(), grad_out, attn_mask, block=16)
+    expected = (q.grad, k.grad, v.grad, (probs.grad * probs.detach()).clamp(min=0).mean(dim=1))
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_gradient_rollout_runs_each_attention_backward_once() -> None:
+    """Above the first attention call, gradient rollout's maps come from the backward pass itself: no fused
+    attention backward runs, and the maps equal those recomputed from each call's output gradient."""
+    from vision_attn.explain import capture
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=3, num_classes=5).eval()
+    x = torch.randn(2, 3, 64, 64)
+    calls = []
+    original = capture.attention_backward
+    try:
+        capture.attention_backward = lambda *a, **k: calls.append(1) or original(*a, **k)
+        with torch.autograd.profiler.profile() as prof:
+            maps = explain(model, x, "gradient_rollout")
+    finally:
+        capture.attention_backward = original
+    assert len(calls) == 2  # the blocks above the first one
+    assert not [e for e in prof.function_events if "flash_attention" in e.name and "backward" in e.name]
+    torch.testing.assert_close(maps, _reference(model, x, "gradient_rollout", "token"), rtol=1e-4, atol=1e-5)

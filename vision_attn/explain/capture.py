@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import Function
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
@@ -117,17 +118,115 @@ def gradient_weighted_attention(
     return fused
 
 
+def _scores(
+    queries: torch.Tensor, keys: torch.Tensor, attn_mask: torch.Tensor | None, rows: slice, lq: int
+) -> torch.Tensor:
+    """Masked attention scores of the query rows ``rows`` (``queries`` pre-scaled, ``keys`` ``[.., D, Lk]``)."""
+    scores = torch.matmul(queries[:, :, rows], keys)
+    if attn_mask is not None:
+        mask = attn_mask[..., rows, :] if attn_mask.shape[-2] == lq else attn_mask
+        scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask
+    return scores
+
+
+def attention_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    grad_out: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    block: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward pass of an attention call ``[X, heads, L, D]`` (output ``out``, its gradient ``grad_out``) in
+    blocks of query rows, with gradient rollout's layer map on the way: ``(∇q, ∇k, ∇v, mean_heads(relu(∇A ⊙ A))
+    [X, Lq, Lk])``. Five matrix products per block, the ones a fused kernel's backward does, where a fused backward
+    followed by :func:`gradient_weighted_attention` does seven; the blocks' per-head maps live in two buffers. Query
+    rows whose output gradient is zero (all but the class token's in a ViT's last block) are skipped: their map rows
+    and ``∇q`` rows are zero, and they add nothing to ``∇k`` and ``∇v``."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    batch, heads, lq, _ = q.shape
+    lk = k.shape[-2]
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(batch * heads, t.shape[-2], t.shape[-1])
+
+    queries, keys, values, grad_out, out = flat(q * scale), flat(k), flat(v), flat(grad_out), flat(out)
+    live = grad_out.ne(0).any(dim=-1).any(dim=0).nonzero().squeeze(1)  # query rows with a gradient
+    sparse = len(live) < lq
+    if sparse:
+        queries, grad_out, out = queries[:, live], grad_out[:, live], out[:, live]
+        if attn_mask is not None and attn_mask.shape[-2] == lq:
+            attn_mask = attn_mask[..., live, :]
+    rows_total = queries.shape[1]
+    # rowsum(∇A ⊙ A) = rowsum(∇O ⊙ O): the softmax backward's correction, for all rows at once
+    correction = (grad_out * out).sum(dim=-1, keepdim=True)
+    fused = q.new_empty(batch, rows_total, lk)
+    grad_q, grad_k, grad_v = torch.empty_like(queries), torch.empty_like(keys), torch.empty_like(values)
+    probs = weighted = positive = q.new_empty(0, 0, 0)
+    for start in range(0, rows_total, block):
+        rows = slice(start, min(start + block, rows_total))
+        if probs.shape[1] != rows.stop - start:  # buffers reused block to block (a fresh large tensor costs more)
+            probs, weighted, positive = (q.new_empty(batch * heads, rows.stop - start, lk) for _ in range(3))
+        torch.bmm(queries[:, rows], keys.transpose(1, 2), out=probs)
+        if attn_mask is not None:
+            mask = attn_mask[..., rows, :] if attn_mask.shape[-2] == rows_total else attn_mask
+            scores = probs.view(batch, heads, -1, lk)
+            scores.masked_fill_(~mask, -math.inf) if mask.dtype == torch.bool else scores.add_(mask)
+        torch._softmax(probs, -1, False, out=probs)  # X heads, b, Lk
+        first = 0.0 if start == 0 else 1.0  # beta 0: the first block overwrites the uninitialised sums
+        grad_v.baddbmm_(probs.transpose(1, 2), grad_out[:, rows], beta=first)
+        torch.bmm(grad_out[:, rows], values.transpose(1, 2), out=weighted).mul_(probs)  # ∇A ⊙ A
+        torch.clamp(weighted, min=0, out=positive)
+        torch.mean(positive.view(batch, heads, -1, lk), dim=1, out=fused[:, rows])
+        weighted.addcmul_(probs, correction[:, rows], value=-1.0)  # A ⊙ (∇A - rowsum): ∇ of the scores
+        torch.bmm(weighted, keys, out=grad_q[:, rows])
+        grad_k.baddbmm_(weighted.transpose(1, 2), queries[:, rows], beta=first)
+    if rows_total == 0:
+        grad_k.zero_(), grad_v.zero_()
+    grad_q.mul_(scale)
+    if sparse:
+        grad_q = q.new_zeros(batch * heads, lq, q.shape[-1]).index_copy_(1, live, grad_q)
+        fused = q.new_zeros(batch, lq, lk).index_copy_(1, live, fused)
+    return grad_q.view_as(q), grad_k.view_as(k), grad_v.view(*v.shape), fused
+
+
+class _WeighedAttention(Function):
+    """``F.scaled_dot_product_attention`` with its fused kernel forward; the backward is
+    :func:`attention_backward`, which hands the layer map of gradient rollout to ``call``."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Any, scale: Any
+    ) -> torch.Tensor:
+        out = _SDPA(q, k, v, attn_mask=attn_mask, scale=scale)
+        ctx.call, ctx.mask, ctx.scale = call, attn_mask, scale
+        ctx.save_for_backward(q, k, v, out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        q, k, v, out = ctx.saved_tensors
+        grad_q, grad_k, grad_v, ctx.call.fused = attention_backward(q, k, v, out, grad_out, ctx.mask, ctx.scale)
+        return None, grad_q, grad_k, grad_v, None, None
+
+
 class AttentionCall:
     """One ``F.scaled_dot_product_attention`` call kept for :func:`gradient_weighted_attention`: its detached inputs,
-    mask and scale, and (once the backward pass reaches it) the gradient of its output."""
+    mask and scale, and (once the backward pass reaches it) the gradient of its output; or, where the call ran
+    through :func:`attention_backward` (``fused`` set by its backward), its layer map itself."""
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, scale: float | None) -> None:
         self.q, self.k, self.v, self.mask, self.scale = q.detach(), k.detach(), v.detach(), mask, scale
         self.grad_out: torch.Tensor | None = None
+        self.fused: torch.Tensor | None = None
         self.output: torch.Tensor | None = None  # the call's output in the graph (while the forward pass runs)
 
     def weighted(self) -> torch.Tensor:
         """``mean_heads(relu(∇A ⊙ A))`` ``[X, Lq, Lk]``; ``None`` gradient (unused output): zeros."""
+        if self.fused is not None:
+            return self.fused
         if self.grad_out is None:
             return self.q.new_zeros(self.q.shape[0], self.q.shape[-2], self.k.shape[-2])
         mask = self.mask.detach() if isinstance(self.mask, torch.Tensor) else None
@@ -143,6 +242,7 @@ class _ProbabilityCapture(TorchFunctionMode):
     def __init__(self, recorder: AttentionRecorder) -> None:
         super().__init__()
         self.recorder = recorder
+        self.weighed = False  # an attention call of a gradient rollout has run (the first one stays fused)
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
@@ -161,12 +261,19 @@ class _ProbabilityCapture(TorchFunctionMode):
             fuse = self.recorder.head_fusion
             plain = not (bound.get("dropout_p") or bound.get("is_causal") or bound.get("enable_gqa"))
             if fuse is not None and owner[0] in self.recorder.fusable and plain and q.ndim == k.ndim == 4:
-                if fuse == "gradient":  # the fused kernel runs (and its backward); the layer map comes later
-                    out = func(q, k, v, **bound)
-                    call = AttentionCall(q, k, v, bound.get("attn_mask"), bound.get("scale"))
-                    if out.requires_grad:
-                        out.register_hook(lambda grad, call=call: setattr(call, "grad_out", grad.detach()))
-                        call.output = out
+                if fuse == "gradient":
+                    mask = bound.get("attn_mask")
+                    call = AttentionCall(q, k, v, mask, bound.get("scale"))
+                    grads = q.requires_grad or k.requires_grad or v.requires_grad
+                    if grads and self.weighed and not (isinstance(mask, torch.Tensor) and mask.requires_grad):
+                        # the backward pass goes on beneath this call: it gives the layer map on the way
+                        out = _WeighedAttention.apply(call, q, k, v, mask, bound.get("scale"))
+                    else:  # the fused kernel and its backward; the layer map is recomputed from ∇O after it (the
+                        out = func(q, k, v, **bound)  # backward pass stops at the first call's output)
+                        if out.requires_grad:
+                            out.register_hook(lambda grad, call=call: setattr(call, "grad_out", grad.detach()))
+                            call.output = out
+                            self.weighed = True
                     self.recorder._capture(owner[0], call, fused=True)
                     return out
                 out, fused = fused_attention(q, k, v, bound.get("attn_mask"), bound.get("scale"), fuse)
@@ -302,6 +409,8 @@ class AttentionRecorder:
         self._records = []
         self.events = []
         self.unaccounted = []
+        if self._mode is not None:  # a new forward pass: its first attention call is the fused one again
+            self._mode.weighed = False
 
     def _store(self, name: str, tensor: torch.Tensor) -> None:
         self._records.append((name, tensor.detach() if self.detach else tensor))
