@@ -102,68 +102,47 @@ def gradient_weighted_attention(
     """``mean_heads(relu(∇A ⊙ A))`` ``[X, Lq, Lk]`` of an attention call ``[X, heads, L, D]`` from its inputs and the
     gradient of its output (``∇A = ∇O · Vᵀ``, as ``O = A V``), recomputed in blocks of query rows: gradient rollout's
     layer map without keeping any per-head map (Chefer et al. 2021)."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    lq = q.shape[-2]
-    fused = q.new_empty(q.shape[0], lq, k.shape[-2])
-    queries, grad_out = (q * scale).contiguous(), grad_out.contiguous()
-    keys, values = k.transpose(-2, -1).contiguous(), v.transpose(-2, -1).contiguous()
-    for start in range(0, lq, block):
-        rows = slice(start, min(start + block, lq))
-        scores = torch.matmul(queries[:, :, rows], keys)
-        if attn_mask is not None:
-            mask = attn_mask[..., rows, :] if attn_mask.shape[-2] == lq else attn_mask
-            scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask
-        weighted = torch.matmul(grad_out[:, :, rows], values).mul_(scores.softmax(dim=-1)).clamp_(min=0)
-        torch.mean(weighted, dim=1, out=fused[:, rows])
-    return fused
-
-
-def _scores(
-    queries: torch.Tensor, keys: torch.Tensor, attn_mask: torch.Tensor | None, rows: slice, lq: int
-) -> torch.Tensor:
-    """Masked attention scores of the query rows ``rows`` (``queries`` pre-scaled, ``keys`` ``[.., D, Lk]``)."""
-    scores = torch.matmul(queries[:, :, rows], keys)
-    if attn_mask is not None:
-        mask = attn_mask[..., rows, :] if attn_mask.shape[-2] == lq else attn_mask
-        scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask
-    return scores
+    return attention_backward(q, k, v, None, grad_out, attn_mask, scale, block)[3]
 
 
 def attention_backward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    out: torch.Tensor,
+    out: torch.Tensor | None,
     grad_out: torch.Tensor,
     attn_mask: torch.Tensor | None = None,
     scale: float | None = None,
     block: int = 128,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """The backward pass of an attention call ``[X, heads, L, D]`` (output ``out``, its gradient ``grad_out``) in
     blocks of query rows, with gradient rollout's layer map on the way: ``(∇q, ∇k, ∇v, mean_heads(relu(∇A ⊙ A))
-    [X, Lq, Lk])``. Five matrix products per block, the ones a fused kernel's backward does, where a fused backward
-    followed by :func:`gradient_weighted_attention` does seven; the blocks' per-head maps live in two buffers. Query
-    rows whose output gradient is zero (all but the class token's in a ViT's last block) are skipped: their map rows
-    and ``∇q`` rows are zero, and they add nothing to ``∇k`` and ``∇v``."""
+    [X, Lq, Lk])``; ``out=None`` gives the map only (``(None, None, None, map)``). Five matrix products per block,
+    the ones a fused kernel's backward does, where a fused backward followed by the map's recomputation does seven;
+    the blocks' per-head maps live in buffers reused block to block. Query rows whose output gradient is zero (all
+    but the class token's in a ViT's last block) are skipped: their map rows and ``∇q`` rows are zero, and they add
+    nothing to ``∇k`` and ``∇v``."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     batch, heads, lq, _ = q.shape
     lk = k.shape[-2]
+    grads = out is not None
 
     def flat(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(batch * heads, t.shape[-2], t.shape[-1])
 
-    queries, keys, values, grad_out, out = flat(q * scale), flat(k), flat(v), flat(grad_out), flat(out)
-    live = grad_out.ne(0).any(dim=-1).any(dim=0).nonzero().squeeze(1)  # query rows with a gradient
+    queries, keys, values, grad_out = flat(q * scale), flat(k), flat(v), flat(grad_out)
+    live = grad_out.any(dim=-1).any(dim=0).nonzero().squeeze(1)  # query rows with a gradient
     sparse = len(live) < lq
     if sparse:
-        queries, grad_out, out = queries[:, live], grad_out[:, live], out[:, live]
+        queries, grad_out = queries[:, live], grad_out[:, live]
+        out = flat(out)[:, live] if grads else None
         if attn_mask is not None and attn_mask.shape[-2] == lq:
             attn_mask = attn_mask[..., live, :]
     rows_total = queries.shape[1]
-    # rowsum(∇A ⊙ A) = rowsum(∇O ⊙ O): the softmax backward's correction, for all rows at once
-    correction = (grad_out * out).sum(dim=-1, keepdim=True)
     fused = q.new_empty(batch, rows_total, lk)
-    grad_q, grad_k, grad_v = torch.empty_like(queries), torch.empty_like(keys), torch.empty_like(values)
+    if grads:  # rowsum(∇A ⊙ A) = rowsum(∇O ⊙ O): the softmax backward's correction, for all rows at once
+        correction = (grad_out * flat(out)).sum(dim=-1, keepdim=True)
+        grad_q, grad_k, grad_v = torch.empty_like(queries), torch.zeros_like(keys), torch.zeros_like(values)
     probs = weighted = positive = q.new_empty(0, 0, 0)
     for start in range(0, rows_total, block):
         rows = slice(start, min(start + block, rows_total))
@@ -175,20 +154,21 @@ def attention_backward(
             scores = probs.view(batch, heads, -1, lk)
             scores.masked_fill_(~mask, -math.inf) if mask.dtype == torch.bool else scores.add_(mask)
         torch._softmax(probs, -1, False, out=probs)  # X heads, b, Lk
-        first = 0.0 if start == 0 else 1.0  # beta 0: the first block overwrites the uninitialised sums
-        grad_v.baddbmm_(probs.transpose(1, 2), grad_out[:, rows], beta=first)
         torch.bmm(grad_out[:, rows], values.transpose(1, 2), out=weighted).mul_(probs)  # ∇A ⊙ A
         torch.clamp(weighted, min=0, out=positive)
         torch.mean(positive.view(batch, heads, -1, lk), dim=1, out=fused[:, rows])
-        weighted.addcmul_(probs, correction[:, rows], value=-1.0)  # A ⊙ (∇A - rowsum): ∇ of the scores
-        torch.bmm(weighted, keys, out=grad_q[:, rows])
-        grad_k.baddbmm_(weighted.transpose(1, 2), queries[:, rows], beta=first)
-    if rows_total == 0:
-        grad_k.zero_(), grad_v.zero_()
+        if grads:
+            grad_v.baddbmm_(probs.transpose(1, 2), grad_out[:, rows])
+            weighted.addcmul_(probs, correction[:, rows], value=-1.0)  # A ⊙ (∇A - rowsum): ∇ of the scores
+            torch.bmm(weighted, keys, out=grad_q[:, rows])
+            grad_k.baddbmm_(weighted.transpose(1, 2), queries[:, rows])
+    if sparse:
+        fused = q.new_zeros(batch, lq, lk).index_copy_(1, live, fused)
+    if not grads:
+        return None, None, None, fused
     grad_q.mul_(scale)
     if sparse:
         grad_q = q.new_zeros(batch * heads, lq, q.shape[-1]).index_copy_(1, live, grad_q)
-        fused = q.new_zeros(batch, lq, lk).index_copy_(1, live, fused)
     return grad_q.view_as(q), grad_k.view_as(k), grad_v.view(*v.shape), fused
 
 
