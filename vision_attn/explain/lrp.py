@@ -204,8 +204,8 @@ class _LinearAlpha1Beta0(Function):
 
 
 def _stabilize(denominator: torch.Tensor, epsilon: float = 1e-6) -> torch.Tensor:
-    """``denominator`` moved ``epsilon`` away from 0, by its sign (``+`` for 0): zennit's ``stabilize`` default."""
-    return denominator + torch.where(denominator >= 0, epsilon, -epsilon)
+    """``denominator`` moved ``epsilon`` away from 0, by its sign (``+`` for +0): zennit's ``stabilize`` default."""
+    return denominator + torch.copysign(denominator.new_tensor(epsilon), denominator)
 
 
 class _GammaRule(Function):
@@ -217,10 +217,10 @@ class _GammaRule(Function):
     output of exactly 0 passes none. ``γ = 0`` is epsilon-LRP (the plain gradient, up to the stabiliser); without a
     bias the rule conserves relevance.
 
-    Computed without zennit's four modified copies of the layer: with ``P = x+ W+ + x- W-`` and ``N = x+ W- + x- W+``
-    (``P + N = z - b``, ``P - N = |x| |W|``) the denominators are ``z + γ(P + b+)`` and ``z + γ(N + b-)``, and with
-    ``s`` the relevance per unit of denominator the gradient is ``(1 + γ/2) Wᵀs + sign(x) γ/2 |W|ᵀ(s+ - s-)``: one
-    extra forward of the layer (``|x|``, ``|W|``) and two transposed ones.
+    Computed without zennit's four modified copies of the layer: as ``W± = (W ± |W|) / 2`` (likewise ``b±``), both
+    denominators are ``(1 + γ/2) z + sign(z) γ/2 (|x| |W| + |b|)``, and with ``s`` an output's relevance over its
+    denominator the gradient is ``(1 + γ/2) Wᵀ s + sign(x) γ/2 |W|ᵀ (sign(z) s)``: one extra forward of the layer
+    (on ``|x|``, ``|W|``, ``|b|``) and two transposed ones.
     """
 
     @staticmethod
@@ -233,10 +233,9 @@ class _GammaRule(Function):
         gamma: float,
         layer: Callable[..., torch.Tensor],
         transpose: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        channel_dim: int,
     ) -> torch.Tensor:
         y = layer(x, weight, bias)
-        ctx.rules, ctx.gamma, ctx.layer, ctx.transpose, ctx.channel_dim = rules, gamma, layer, transpose, channel_dim
+        ctx.rules, ctx.gamma, ctx.layer, ctx.transpose = rules, gamma, layer, transpose
         ctx.save_for_backward(x, weight, bias, y)
         return y
 
@@ -244,24 +243,17 @@ class _GammaRule(Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         x, weight, bias, y = ctx.saved_tensors
         gamma, transpose = ctx.gamma, ctx.transpose
-        nones = (None,) * 6
+        nones = (None,) * 5
         if not ctx.rules.propagate:
             return None, transpose(grad, weight), *nones
-        relevance = y * grad
-        if gamma == 0:  # both denominators are z
-            return None, transpose(relevance / _stabilize(y), weight), *nones
-        bias_shape = (-1,) + (1,) * (-1 - ctx.channel_dim)  # the output channels' dimension
-        magnitude = ctx.layer(x.abs(), weight.abs(), None)  # P - N
-        unbiased = y if bias is None else y - bias.reshape(bias_shape)  # P + N
-        bias_pos = 0.0 if bias is None else bias.clamp(min=0).reshape(bias_shape)
-        bias_neg = 0.0 if bias is None else bias.clamp(max=0).reshape(bias_shape)
-        den_pos = y + gamma * ((unbiased + magnitude) / 2 + bias_pos)  # z + γ(P + b+)
-        den_neg = y + gamma * ((unbiased - magnitude) / 2 + bias_neg)  # z + γ(N + b-)
-        share_pos = torch.where(y > 0, relevance / _stabilize(den_pos), 0.0)
-        share_neg = torch.where(y < 0, relevance / _stabilize(den_neg), 0.0)
-        grad_x = transpose(share_pos + share_neg, weight).mul_(1 + gamma / 2)
-        grad_x += transpose(share_pos - share_neg, weight.abs()).mul_(x.sign() * (gamma / 2))
-        return None, grad_x, *nones
+        if gamma == 0:  # the denominator is z
+            return None, transpose(y * grad / _stabilize(y), weight), *nones
+        magnitude = ctx.layer(x.abs(), weight.abs(), None if bias is None else bias.abs())  # |x| |W| + |b|
+        sign = y.sign()
+        denominator = torch.addcmul(y * (1 + gamma / 2), sign, magnitude, value=gamma / 2)
+        share = (y * grad).div_(_stabilize(denominator))
+        grad_x = transpose(share, weight).mul_(1 + gamma / 2)
+        return None, grad_x.addcmul_(x.sign(), transpose(share.mul_(sign), weight.abs()), value=gamma / 2), *nones
 
 
 def _linear_transpose(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -457,7 +449,7 @@ class LRPRules(TorchFunctionMode):
             return func(*args, **kwargs)
         if self.linear_rule == "alpha1beta0":
             return _LinearAlpha1Beta0.apply(self, x, weight, bias)
-        return _GammaRule.apply(self, x, weight, bias, self.linear_gamma, F.linear, _linear_transpose, -1)
+        return _GammaRule.apply(self, x, weight, bias, self.linear_gamma, F.linear, _linear_transpose)
 
     def _conv(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -476,7 +468,7 @@ class LRPRules(TorchFunctionMode):
                 return _plain_vjp(lambda t: layer(t, weight, None), x, grad)
             return grad_input(x.shape, weight, grad, **bound)
 
-        return _GammaRule.apply(self, x, weight, bias, self.conv_gamma, layer, transpose, -dims - 1)
+        return _GammaRule.apply(self, x, weight, bias, self.conv_gamma, layer, transpose)
 
     def _constant(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """CP-LRP: the output (attention probabilities) is a constant; relevance takes the other factor's path."""
