@@ -161,6 +161,71 @@ def test_gamma_rule_matches_zennit(name: str, gamma: float) -> None:
     torch.testing.assert_close(ours, expected, rtol=1e-7, atol=1e-9)
 
 
+def _conv_bn_stem(eps: float = 1e-5) -> nn.Sequential:
+    """conv (no bias) - batch norm - in-place ReLU - conv - batch norm, float64, eval mode, non-trivial statistics."""
+    torch.manual_seed(3)
+    stem = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4, eps=eps), nn.ReLU(inplace=True),
+        nn.Conv2d(4, 3, 3, stride=2, padding=1), nn.BatchNorm2d(3, eps=eps),
+    ).double()  # fmt: skip
+    with torch.no_grad():
+        for module in stem:
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.normal_()
+                module.bias.normal_()
+    return stem.eval()
+
+
+def _stem_relevance(stem: nn.Module, x: torch.Tensor, relevance_out: torch.Tensor, **rules: Any) -> torch.Tensor:
+    state = {**{k: v.detach() for k, v in stem.named_parameters()}, **dict(stem.named_buffers())}
+    (rel,) = _relevance(lambda t: torch.func.functional_call(stem, state, (t,)), [x], relevance_out, **rules)
+    return rel
+
+
+def test_gamma_rule_merges_a_batch_norm_into_the_convolution_before_it() -> None:
+    stem = _conv_bn_stem()
+    x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    relevance_out = stem(x).detach() * torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    rules = dict(conv_rule="gamma", conv_gamma=0.5)
+    leaf = x.clone().requires_grad_(True)
+    state = {**{k: v.detach() for k, v in stem.named_parameters()}, **dict(stem.named_buffers())}
+    with LRPRules(**rules):
+        out = torch.func.functional_call(stem, state, (leaf,))
+    torch.testing.assert_close(out, stem(x), rtol=0, atol=0)  # the model's own values (its in-place ReLU too)
+    merged = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, stride=2, padding=1))
+    merged = merged.double().eval()
+    with torch.no_grad():
+        for conv, bn, target in ((stem[0], stem[1], merged[0]), (stem[3], stem[4], merged[2])):
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            target.weight.copy_(conv.weight * scale[:, None, None, None])
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
+            target.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+    expected = _stem_relevance(merged, x, relevance_out, **rules)
+    torch.testing.assert_close(_stem_relevance(stem, x, relevance_out, **rules), expected)
+    unmerged = _stem_relevance(stem, x, relevance_out, conv_rule="gradient")  # the gradient rule: merging is moot
+    torch.testing.assert_close(unmerged, _stem_relevance(merged, x, relevance_out, conv_rule="gradient"))
+    assert (expected - unmerged).abs().max() > 0.05 * expected.abs().max()
+
+
+def test_gamma_rule_after_batch_norm_merging_matches_zennits_canonizer() -> None:
+    composites = pytest.importorskip("zennit.composites")
+    canonizers = pytest.importorskip("zennit.canonizers")
+    rules = pytest.importorskip("zennit.rules")
+    stem = _conv_bn_stem(eps=1e-12)  # zennit's merged batch norm still divides by sqrt(1 + eps)
+    x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    relevance_out = stem(x).detach() * torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    composite = composites.LayerMapComposite(
+        [(nn.Conv2d, rules.Gamma(gamma=0.25))], canonizers=[canonizers.SequentialMergeBatchNorm()]
+    )
+    leaf = x.clone().requires_grad_(True)
+    with composite.context(stem) as modified:
+        (expected,) = torch.autograd.grad(modified(leaf), leaf, relevance_out)
+    ours = _stem_relevance(stem, x, relevance_out, conv_rule="gamma", conv_gamma=0.25)
+    torch.testing.assert_close(ours, expected, rtol=1e-7, atol=1e-9)
+
+
 # --- CP-LRP ----------------------------------------------------------------------------------------------------------
 
 

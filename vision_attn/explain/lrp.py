@@ -31,7 +31,9 @@ SiLU, tanh, sigmoid, ...)
 
 Options of either rule set: ``linear_rule='gamma'`` and ``conv_rule='gamma'`` give ``F.linear`` and
 ``F.conv1d/2d/3d`` the generalised LRP-gamma rule (Montavon et al. 2019, as zennit's ``Gamma``; the AttnLRP authors
-combine it with their rules for ViTs) with ``linear_gamma`` / ``conv_gamma``. AttnLRP's ``attention_rule='cp'`` is
+combine it with their rules for ViTs) with ``linear_gamma`` / ``conv_gamma``; under the gamma rule, a convolution
+whose output goes straight into an eval-mode batch norm is one layer with the batch norm merged into its weights
+(zennit's ``SequentialMergeBatchNorm`` canonizer; a no-op for the gradient rule). AttnLRP's ``attention_rule='cp'`` is
 CP-LRP inside the attention (lxt's ``cp_LRP`` map for ViTs): every softmax's output is a constant, so relevance flows
 through the values only; ``F.scaled_dot_product_attention`` keeps its kernel with ``q`` and ``k`` detached.
 
@@ -46,6 +48,7 @@ import contextlib
 import functools
 import inspect
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -233,17 +236,18 @@ class _GammaRule(Function):
         gamma: float,
         layer: Callable[..., torch.Tensor],
         transpose: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        output: Callable[[], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        y = layer(x, weight, bias)
+        y = layer(x, weight, bias) if output is None else output()
         ctx.rules, ctx.gamma, ctx.layer, ctx.transpose = rules, gamma, layer, transpose
         ctx.save_for_backward(x, weight, bias, y)
-        return y
+        return y.clone()  # the model may modify its copy in place (an in-place ReLU after a conv or batch norm)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         x, weight, bias, y = ctx.saved_tensors
         gamma, transpose = ctx.gamma, ctx.transpose
-        nones = (None,) * 5
+        nones = (None,) * 6
         if not ctx.rules.propagate:
             return None, transpose(grad, weight), *nones
         if gamma == 0:  # the denominator is z
@@ -340,7 +344,8 @@ class LRPRules(TorchFunctionMode):
 
     ``linear_rule`` (default ``'gradient'`` for AttnLRP, ``'alpha1beta0'`` for Chefer) picks the rule of
     ``F.linear``, ``conv_rule`` (default ``'gradient'``) that of ``F.conv1d/2d/3d``; ``'gamma'`` is LRP-gamma with
-    ``linear_gamma`` / ``conv_gamma`` (zennit's default 0.25; 0 is the plain gradient up to a 1e-6 stabiliser).
+    ``linear_gamma`` / ``conv_gamma`` (zennit's default 0.25; 0 is the plain gradient up to a 1e-6 stabiliser); a
+    gamma-rule convolution followed by an eval-mode ``F.batch_norm`` is merged with it (zennit's canonizer).
     ``attention_rule`` (``None``: the rule set's own) may be ``'cp'`` with ``rules='attnlrp'``: CP-LRP, every softmax
     output held constant (the attention probabilities and attention-pooling weights such as CCT's sequence pooling).
     Only operations on input-dependent tensors (that require grad) get a rule; use
@@ -394,7 +399,13 @@ class LRPRules(TorchFunctionMode):
             handlers[F.linear] = self._linear
         if conv_rule == "gamma":
             handlers.update(dict.fromkeys(_CONVS, self._conv))
+            handlers[F.batch_norm] = self._batch_norm
+        self._convs: dict[int, tuple[weakref.ref[torch.Tensor], tuple[Any, ...]]] = {}  # gamma-rule conv outputs
         self._handlers = handlers
+
+    def __exit__(self, *exc: object) -> None:
+        self._convs.clear()  # the record of gamma-rule conv outputs holds their inputs
+        super().__exit__(*exc)
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
@@ -468,7 +479,30 @@ class LRPRules(TorchFunctionMode):
                 return _plain_vjp(lambda t: layer(t, weight, None), x, grad)
             return grad_input(x.shape, weight, grad, **bound)
 
-        return _GammaRule.apply(self, x, weight, bias, self.conv_gamma, layer, transpose)
+        y = _GammaRule.apply(self, x, weight, bias, self.conv_gamma, layer, transpose)
+        self._convs[id(y)] = (weakref.ref(y), (x, weight, bias, layer, transpose))
+        return y
+
+    def _batch_norm(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Eval-mode batch norm of a gamma-rule convolution's output: one gamma-rule layer with the merged weights
+        (zennit's ``SequentialMergeBatchNorm`` canonizer); the output is the batch norm's own."""
+        names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+        bound = {"running_mean": None, "running_var": None, "weight": None, "bias": None, "training": False,
+                 "momentum": 0.1, "eps": 1e-5}  # fmt: skip
+        bound.update(zip(names, args, strict=False))
+        bound.update(kwargs)
+        z, mean, var = bound["input"], bound["running_mean"], bound["running_var"]
+        ref, conv = self._convs.get(id(z), (None, None))
+        if ref is None or ref() is not z or bound["training"] or mean is None or var is None:
+            return func(*args, **kwargs)
+        x, weight, bias, layer, transpose = conv
+        scale = torch.rsqrt(var + bound["eps"])  # BN(z) = z * scale + shift
+        scale = scale if bound["weight"] is None else scale * bound["weight"]
+        shift = -mean * scale if bound["bias"] is None else bound["bias"] - mean * scale
+        merged_weight = weight * scale.reshape(-1, *(1,) * (weight.ndim - 1))
+        merged_bias = shift if bias is None else bias * scale + shift
+        output = functools.partial(func, **{**bound, "input": z.detach()})
+        return _GammaRule.apply(self, x, merged_weight, merged_bias, self.conv_gamma, layer, transpose, output)
 
     def _constant(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """CP-LRP: the output (attention probabilities) is a constant; relevance takes the other factor's path."""

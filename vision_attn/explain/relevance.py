@@ -132,7 +132,8 @@ def attnlrp(
 
     The options the AttnLRP authors tune for ViTs (their lxt ViT example with zennit): ``linear_gamma`` /
     ``conv_gamma`` (``None``: the plain gradient, epsilon-LRP) give every linear layer / convolution the LRP-gamma
-    rule with that gamma (Montavon et al. 2019, as zennit's ``Gamma``); ``attention_rule='cp'`` is CP-LRP inside
+    rule with that gamma (Montavon et al. 2019, as zennit's ``Gamma``; a convolution followed by batch norm is merged
+    with it first, as zennit's canonizer does); ``attention_rule='cp'`` is CP-LRP inside
     the attention: the attention probabilities (every softmax output, attention pooling included) are constants and
     relevance flows through the values only (q and k get none).
 
