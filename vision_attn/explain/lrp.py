@@ -4,8 +4,9 @@ While an :class:`LRPRules` context is active, every torch operation that a rule 
 ``Function`` whose forward is the operation itself (same values, same kernels) and whose backward implements the
 rule in gradient x input form: the "gradient" ``g`` that reaches a tensor ``x`` makes ``x * g`` its relevance. One
 ``torch.autograd.grad`` call over the graph then propagates relevance through the whole model; operations no rule
-covers (linear layers under AttnLRP, convolutions, eval-mode BatchNorm, residual additions, pooling, indexing,
-reshapes, constants added or multiplied) keep their plain gradient, which is epsilon-LRP (epsilon -> 0) there.
+covers (by default linear layers under AttnLRP and convolutions; eval-mode BatchNorm, residual additions, pooling,
+indexing, reshapes, constants added or multiplied) keep their plain gradient, which is epsilon-LRP (epsilon -> 0)
+there.
 
 A tensor is *input-dependent* when it requires grad; :func:`lrp_forward` runs the model with detached parameters
 and makes its token embeddings the only leaf that requires grad, so that products of two input-dependent tensors
@@ -28,8 +29,17 @@ SiLU, tanh, sigmoid, ...)
                                        1/4, v by 1/2 (lxt's ``divide_gradient``)   ops with the rules above
 =====================================  ==========================================  ===============================
 
+Options of either rule set: ``linear_rule='gamma'`` and ``conv_rule='gamma'`` give ``F.linear`` and
+``F.conv1d/2d/3d`` the generalised LRP-gamma rule (Montavon et al. 2019, as zennit's ``Gamma``; the AttnLRP authors
+combine it with their rules for ViTs) with ``linear_gamma`` / ``conv_gamma``; under the gamma rule, a convolution
+whose output goes straight into an eval-mode batch norm is one layer with the batch norm merged into its weights
+(zennit's ``SequentialMergeBatchNorm`` canonizer; a no-op for the gradient rule). AttnLRP's ``attention_rule='cp'`` is
+CP-LRP inside the attention (lxt's ``cp_LRP`` map for ViTs): every softmax's output is a constant, so relevance flows
+through the values only; ``F.scaled_dot_product_attention`` keeps its kernel with ``q`` and ``k`` detached.
+
 ``LRPRules.propagate = False`` makes every rule ``Function`` return its plain gradient instead, so one forward
-graph serves both a plain and an LRP backward pass (Transformer Attribution needs both).
+graph serves both a plain and an LRP backward pass (Transformer Attribution needs both); a CP-LRP softmax has no
+gradient either way.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ import contextlib
 import functools
 import inspect
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -49,10 +60,16 @@ from torch.overrides import TorchFunctionMode
 
 from vision_attn.explain._common import NotApplicableError
 
-__all__ = ["LINEAR_RULES", "RULE_SETS", "LRPRules", "embedding_module", "lrp_forward", "safe_divide"]
+__all__ = [
+    "ATTENTION_RULES", "CONV_RULES", "LINEAR_RULES", "RULE_SETS", "LRPRules", "embedding_module", "lrp_forward",
+    "safe_divide",
+]  # fmt: skip
 
 RULE_SETS = ("attnlrp", "chefer")
-LINEAR_RULES = ("gradient", "alpha1beta0")
+LINEAR_RULES = ("gradient", "alpha1beta0", "gamma")
+CONV_RULES = ("gradient", "gamma")
+ATTENTION_RULES = ("attnlrp", "cp")
+_CONVS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}  # the convolutions the gamma rule covers: spatial dimensions
 
 
 def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
@@ -189,6 +206,71 @@ class _LinearAlpha1Beta0(Function):
         return None, torch.where(x > 0, share @ w_pos, share @ w_neg), None, None
 
 
+def _stabilize(denominator: torch.Tensor, epsilon: float = 1e-6) -> torch.Tensor:
+    """``denominator`` moved ``epsilon`` away from 0, by its sign (``+`` for +0): zennit's ``stabilize`` default."""
+    return denominator + torch.copysign(denominator.new_tensor(epsilon), denominator)
+
+
+class _GammaRule(Function):
+    """``layer(x, weight, bias)`` (``F.linear`` or ``F.conv1d/2d/3d``, linear in ``x``) with the generalised LRP-gamma
+    rule (Montavon et al. 2019, "Layer-wise relevance propagation: an overview"; Andéol et al. 2021), exactly as
+    zennit's ``Gamma`` (v0.5, ``zennit/rules.py``): an output ``z_j > 0`` shares its relevance in proportion to
+    ``x+ (W + γW+) + x- (W + γW-)`` (plus ``b + γb+``), one with ``z_j < 0`` in proportion to
+    ``x+ (W + γW-) + x- (W + γW+)`` (plus ``b + γb-``), each denominator stabilised by 1e-6 (by its sign); an
+    output of exactly 0 passes none. ``γ = 0`` is epsilon-LRP (the plain gradient, up to the stabiliser); without a
+    bias the rule conserves relevance.
+
+    Computed without zennit's four modified copies of the layer: as ``W± = (W ± |W|) / 2`` (likewise ``b±``), both
+    denominators are ``(1 + γ/2) z + sign(z) γ/2 (|x| |W| + |b|)``, and with ``s`` an output's relevance over its
+    denominator the gradient is ``(1 + γ/2) Wᵀ s + sign(x) γ/2 |W|ᵀ (sign(z) s)``: one extra forward of the layer
+    (on ``|x|``, ``|W|``, ``|b|``) and two transposed ones.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        rules: LRPRules,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        gamma: float,
+        layer: Callable[..., torch.Tensor],
+        transpose: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        output: Callable[[], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        y = layer(x, weight, bias) if output is None else output()
+        ctx.rules, ctx.gamma, ctx.layer, ctx.transpose = rules, gamma, layer, transpose
+        ctx.save_for_backward(x, weight, bias, y)
+        return y.clone()  # the model may modify its copy in place (an in-place ReLU after a conv or batch norm)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        x, weight, bias, y = ctx.saved_tensors
+        gamma, transpose = ctx.gamma, ctx.transpose
+        nones = (None,) * 6
+        if not ctx.rules.propagate:
+            return None, transpose(grad, weight), *nones
+        if gamma == 0:  # the denominator is z
+            return None, transpose(y * grad / _stabilize(y), weight), *nones
+        magnitude = ctx.layer(x.abs(), weight.abs(), None if bias is None else bias.abs())  # |x| |W| + |b|
+        sign = y.sign()
+        denominator = torch.addcmul(y * (1 + gamma / 2), sign, magnitude, value=gamma / 2)
+        share = (y * grad).div_(_stabilize(denominator))
+        grad_x = transpose(share, weight).mul_(1 + gamma / 2)
+        return None, grad_x.addcmul_(x.sign(), transpose(share.mul_(sign), weight.abs()), value=gamma / 2), *nones
+
+
+def _linear_transpose(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return grad @ weight  # .., out -> .., in
+
+
+def _check_gamma(value: object, name: str) -> float:
+    """``value`` as a float if it is a finite number >= 0 (an LRP-gamma); else a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 (the LRP-gamma), got {value!r}")
+    return float(value)
+
+
 class _NormalizedAdd(Function):
     """``a + b`` with Chefer et al.'s ``Add.relprop``: epsilon-LRP shares ``a * g`` and ``b * g``, each rescaled per
     image so that the two sums split the relevance in proportion to their absolute values and add up to it."""
@@ -261,13 +343,26 @@ class LRPRules(TorchFunctionMode):
     ``baselines/ViT/ViT_LRP.py`` and ``modules/layers_ours.py``).
 
     ``linear_rule`` (default ``'gradient'`` for AttnLRP, ``'alpha1beta0'`` for Chefer) picks the rule of
-    ``F.linear``. Only operations on input-dependent tensors (that require grad) get a rule; use
+    ``F.linear``, ``conv_rule`` (default ``'gradient'``) that of ``F.conv1d/2d/3d``; ``'gamma'`` is LRP-gamma with
+    ``linear_gamma`` / ``conv_gamma`` (zennit's default 0.25; 0 is the plain gradient up to a 1e-6 stabiliser); a
+    gamma-rule convolution followed by an eval-mode ``F.batch_norm`` is merged with it (zennit's canonizer).
+    ``attention_rule`` (``None``: the rule set's own) may be ``'cp'`` with ``rules='attnlrp'``: CP-LRP, every softmax
+    output held constant (the attention probabilities and attention-pooling weights such as CCT's sequence pooling).
+    Only operations on input-dependent tensors (that require grad) get a rule; use
     :func:`lrp_forward` to run a model so. Nothing is changed on any module; call ``torch.autograd.grad`` after
     leaving the context. :attr:`propagate` (default ``True``) may be set to ``False`` before a backward pass to get
     the plain gradients of the same graph.
     """
 
-    def __init__(self, rules: str = "attnlrp", linear_rule: str | None = None) -> None:
+    def __init__(
+        self,
+        rules: str = "attnlrp",
+        linear_rule: str | None = None,
+        linear_gamma: float = 0.25,
+        conv_rule: str = "gradient",
+        conv_gamma: float = 0.25,
+        attention_rule: str | None = None,
+    ) -> None:
         super().__init__()
         if rules not in RULE_SETS:
             raise ValueError(f"rules {rules!r} is unknown; expected one of {RULE_SETS}")
@@ -275,7 +370,19 @@ class LRPRules(TorchFunctionMode):
             linear_rule = "alpha1beta0" if rules == "chefer" else "gradient"
         if linear_rule not in LINEAR_RULES:
             raise ValueError(f"linear_rule {linear_rule!r} is unknown; expected one of {LINEAR_RULES}")
-        self.rules, self.linear_rule = rules, linear_rule
+        if conv_rule not in CONV_RULES:
+            raise ValueError(f"conv_rule {conv_rule!r} is unknown; expected one of {CONV_RULES}")
+        if attention_rule is None:
+            attention_rule = rules
+        elif rules != "attnlrp" or attention_rule not in ATTENTION_RULES:
+            raise ValueError(
+                f"attention_rule {attention_rule!r} with rules {rules!r} is unknown; expected one of "
+                f"{ATTENTION_RULES} with rules='attnlrp' (or None: the rule set's own)"
+            )
+        self.rules, self.attention_rule = rules, attention_rule
+        self.linear_rule, self.conv_rule = linear_rule, conv_rule
+        self.linear_gamma = _check_gamma(linear_gamma, "linear_gamma")
+        self.conv_gamma = _check_gamma(conv_gamma, "conv_gamma")
         self.propagate = True
         chefer = rules == "chefer"
         handlers: dict[Any, Callable[..., Any]] = dict.fromkeys(_PRODUCTS, self._product)
@@ -286,9 +393,19 @@ class LRPRules(TorchFunctionMode):
         if chefer:
             handlers.update(dict.fromkeys(_SOFTMAXES, self._identity))
             handlers.update(dict.fromkeys(_ADDS, self._add))
-        if linear_rule == "alpha1beta0":
+        if attention_rule == "cp":
+            handlers.update(dict.fromkeys(_SOFTMAXES, self._constant))
+        if linear_rule != "gradient":
             handlers[F.linear] = self._linear
+        if conv_rule == "gamma":
+            handlers.update(dict.fromkeys(_CONVS, self._conv))
+            handlers[F.batch_norm] = self._batch_norm
+        self._convs: dict[int, tuple[weakref.ref[torch.Tensor], tuple[Any, ...]]] = {}  # gamma-rule conv outputs
         self._handlers = handlers
+
+    def __exit__(self, *exc: object) -> None:
+        self._convs.clear()  # the record of gamma-rule conv outputs holds their inputs
+        super().__exit__(*exc)
 
     def __torch_function__(
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
@@ -338,9 +455,58 @@ class LRPRules(TorchFunctionMode):
 
     def _linear(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         bound = {"bias": None, **dict(zip(("input", "weight", "bias"), args, strict=False)), **kwargs}
-        if not _needs_grad(bound["input"]):
+        x, weight, bias = bound["input"], bound["weight"], bound["bias"]
+        if not _needs_grad(x):
             return func(*args, **kwargs)
-        return _LinearAlpha1Beta0.apply(self, bound["input"], bound["weight"], bound["bias"])
+        if self.linear_rule == "alpha1beta0":
+            return _LinearAlpha1Beta0.apply(self, x, weight, bias)
+        return _GammaRule.apply(self, x, weight, bias, self.linear_gamma, F.linear, _linear_transpose)
+
+    def _conv(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        bound = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+        bound.update(zip(names, args, strict=False))
+        bound.update(kwargs)
+        x, weight, bias = bound.pop("input"), bound.pop("weight"), bound.pop("bias")
+        if not _needs_grad(x):
+            return func(*args, **kwargs)
+        dims = _CONVS[func]
+        layer = functools.partial(func, **bound)
+        grad_input = getattr(torch.nn.grad, f"conv{dims}d_input")
+
+        def transpose(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            if isinstance(bound["padding"], str) or x.ndim == dims + 1:  # 'same' / 'valid', or no batch dimension
+                return _plain_vjp(lambda t: layer(t, weight, None), x, grad)
+            return grad_input(x.shape, weight, grad, **bound)
+
+        y = _GammaRule.apply(self, x, weight, bias, self.conv_gamma, layer, transpose)
+        self._convs[id(y)] = (weakref.ref(y), (x, weight, bias, layer, transpose))
+        return y
+
+    def _batch_norm(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Eval-mode batch norm of a gamma-rule convolution's output: one gamma-rule layer with the merged weights
+        (zennit's ``SequentialMergeBatchNorm`` canonizer); the output is the batch norm's own."""
+        names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+        bound = {"running_mean": None, "running_var": None, "weight": None, "bias": None, "training": False,
+                 "momentum": 0.1, "eps": 1e-5}  # fmt: skip
+        bound.update(zip(names, args, strict=False))
+        bound.update(kwargs)
+        z, mean, var = bound["input"], bound["running_mean"], bound["running_var"]
+        ref, conv = self._convs.get(id(z), (None, None))
+        if ref is None or ref() is not z or bound["training"] or mean is None or var is None:
+            return func(*args, **kwargs)
+        x, weight, bias, layer, transpose = conv
+        scale = torch.rsqrt(var + bound["eps"])  # BN(z) = z * scale + shift
+        scale = scale if bound["weight"] is None else scale * bound["weight"]
+        shift = -mean * scale if bound["bias"] is None else bound["bias"] - mean * scale
+        merged_weight = weight * scale.reshape(-1, *(1,) * (weight.ndim - 1))
+        merged_bias = shift if bias is None else bias * scale + shift
+        output = functools.partial(func, **{**bound, "input": z.detach()})
+        return _GammaRule.apply(self, x, merged_weight, merged_bias, self.conv_gamma, layer, transpose, output)
+
+    def _constant(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """CP-LRP: the output (attention probabilities) is a constant; relevance takes the other factor's path."""
+        return func(*args, **kwargs).detach()
 
     def _add(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if (
@@ -364,6 +530,8 @@ class LRPRules(TorchFunctionMode):
         q_dep, k_dep, v_dep = _needs_grad(q), _needs_grad(k), _needs_grad(v)
         if not (q_dep or k_dep or v_dep):
             return func(*args, **kwargs)
+        if self.attention_rule == "cp":  # the probabilities are constants: v takes all the relevance, q and k none
+            return func(q.detach(), k.detach(), v, **bound)
         score_factor = 0.5 if q_dep and k_dep else 1.0  # q @ k^T: uniform rule when both depend on the input
         out_factor = 0.5 if (q_dep or k_dep) and v_dep else 1.0  # A @ v likewise
         if self.rules == "attnlrp":  # softmax has its plain gradient: scaling q, k and v is the whole rule

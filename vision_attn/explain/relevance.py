@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,12 +32,13 @@ from vision_attn.explain.capture import AttentionRecorder
 from vision_attn.explain.families import find_adapter
 from vision_attn.explain.families.base import Capture, canonical
 from vision_attn.explain.flow import flow_gradient_rollout
-from vision_attn.explain.lrp import LINEAR_RULES, LRPRules, embedding_module, lrp_forward, safe_divide
+from vision_attn.explain.lrp import ATTENTION_RULES, LRPRules, embedding_module, lrp_forward, safe_divide
 from vision_attn.explain.tokens import _refusal, token_attention_problem, token_layout
 
 __all__ = ["LEVELS", "attnlrp", "transformer_attribution"]
 
 LEVELS = ("tokens", "pixels")  # where attnlrp reads the relevance: the token embeddings or the input pixels
+TA_LINEAR_RULES = ("gradient", "alpha1beta0")  # transformer_attribution's: gradient x input or Chefer's z+ rule
 
 Targets = int | Sequence[int] | torch.Tensor | None
 
@@ -104,7 +106,15 @@ def _scores(logits: torch.Tensor, model: nn.Module, targets: Targets) -> tuple[t
     return one_hot.detach(), targets
 
 
-def attnlrp(model: nn.Module, images: torch.Tensor, targets: Targets = None, level: str = "tokens") -> torch.Tensor:
+def attnlrp(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: Targets = None,
+    level: str = "tokens",
+    linear_gamma: float | None = None,
+    conv_gamma: float | None = None,
+    attention_rule: str = "attnlrp",
+) -> torch.Tensor:
     """AttnLRP relevance of each patch token for the target logit: ``images [B, C, H, W] -> [B, gh, gw]``.
 
     Achtibat et al., ICML 2024, "AttnLRP: Attention-Aware Layer-wise Relevance Propagation for Transformers", in its
@@ -120,6 +130,13 @@ def attnlrp(model: nn.Module, images: torch.Tensor, targets: Targets = None, lev
     ``level='pixels'`` reads the relevance at the input pixels instead (summed over channels, ``[B, H, W]``): the
     rules then continue through the patch embedding (its convolutions and linear layers with the plain gradient).
 
+    The options the AttnLRP authors tune for ViTs (their lxt ViT example with zennit): ``linear_gamma`` /
+    ``conv_gamma`` (``None``: the plain gradient, epsilon-LRP) give every linear layer / convolution the LRP-gamma
+    rule with that gamma (Montavon et al. 2019, as zennit's ``Gamma``; a convolution followed by batch norm is merged
+    with it first, as zennit's canonizer does); ``attention_rule='cp'`` is CP-LRP inside
+    the attention: the attention probabilities (every softmax output, attention pooling included) are constants and
+    relevance flows through the values only (q and k get none).
+
     Relevance is conserved by every rule but the softmax (its Taylor decomposition at x leaves a bias term, Prop.
     3.1); biases, position embeddings and prefix tokens take their shares: with none of these, the summed relevance
     of the embeddings equals the target logit minus what the softmaxes absorb. Fused attention
@@ -130,9 +147,17 @@ def attnlrp(model: nn.Module, images: torch.Tensor, targets: Targets = None, lev
     """
     if level not in LEVELS:
         raise ValueError(f"level {level!r} is unknown; expected one of {LEVELS}")
+    if attention_rule not in ATTENTION_RULES:
+        raise ValueError(f"attention_rule {attention_rule!r} is unknown; expected one of {ATTENTION_RULES}")
+    gammas: dict[str, Any] = {}
+    if linear_gamma is not None:
+        gammas.update(linear_rule="gamma", linear_gamma=linear_gamma)
+    if conv_gamma is not None:
+        gammas.update(conv_rule="gamma", conv_gamma=conv_gamma)
+    rules = LRPRules("attnlrp", attention_rule=attention_rule, **gammas)
     model, inputs = _prepare(model, images, "attnlrp")
     with eval_mode(model, caller="attnlrp"):
-        logits, embeddings = lrp_forward(model, inputs, LRPRules("attnlrp"), leaf=level)
+        logits, embeddings = lrp_forward(model, inputs, rules, leaf=level)
     one_hot, _ = _scores(logits, model, targets)
     (grad,) = torch.autograd.grad(logits, embeddings, grad_outputs=one_hot)
     if level == "pixels":
@@ -177,8 +202,8 @@ def _transformer_attribution(
     model: nn.Module, images: torch.Tensor, targets: Targets, start_layer: int, linear_rule: str
 ) -> torch.Tensor:
     """:func:`transformer_attribution` in float64 (the rollout's precision; ``explain`` scales it)."""
-    if linear_rule not in LINEAR_RULES:
-        raise ValueError(f"linear_rule {linear_rule!r} is unknown; expected one of {LINEAR_RULES}")
+    if linear_rule not in TA_LINEAR_RULES:
+        raise ValueError(f"linear_rule {linear_rule!r} is unknown; expected one of {TA_LINEAR_RULES}")
     model, inputs = _prepare(model, images, "transformer_attribution")
     adapter = find_adapter(model)
     problem = token_attention_problem(model)

@@ -26,7 +26,15 @@ def attnlrp(
     target: int | Sequence[int] | torch.Tensor | None = None,
     level: str = "tokens",
     sign: str = "positive",
+    linear_gamma: float | None = None,
+    conv_gamma: float | None = None,
+    attention_rule: str = "attnlrp",
 ) -> torch.Tensor:
     """AttnLRP relevance for the ``target`` logits of the patch tokens, ``[B, gh, gw]`` (or of the pixels with
-    ``level='pixels'``, ``[B, H, W]``), its ``sign`` part (see :func:`vision_attn.explain.relevance.attnlrp`)."""
-    return apply_sign(attnlrp_relevance(model, images, target, level=level), sign)
+    ``level='pixels'``, ``[B, H, W]``), its ``sign`` part; ``linear_gamma`` / ``conv_gamma`` (LRP-gamma on linear
+    layers / convolutions) and ``attention_rule='cp'`` (CP-LRP) as in :func:`vision_attn.explain.relevance.attnlrp`."""
+    relevance = attnlrp_relevance(
+        model, images, target, level=level, linear_gamma=linear_gamma, conv_gamma=conv_gamma,
+        attention_rule=attention_rule,
+    )  # fmt: skip
+    return apply_sign(relevance, sign)
