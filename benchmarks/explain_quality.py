@@ -47,8 +47,8 @@ RUN_DIR = REPO / "runs" / "bench_main_job"
 SWIN_RUN_DIR = REPO / "runs" / "swin_default"  # python train.py fit --config configs/swin_default.yaml
 SWIN_METHODS = ("rollout", "gradient_rollout", "transformer_attribution", "attnlrp", "gradcam", "random")
 REFERENCES = ("pytorch_grad_cam", "integrated_gradients", "saliency", "lxt_attnlrp")
-OURS = ("rollout", "gradient_rollout", "transformer_attribution", "attnlrp", "attnlrp_pixels", "attention",
-        "gradcam", "gradcam++", "layercam")  # fmt: skip
+OURS = ("rollout", "gradient_rollout", "transformer_attribution", "attnlrp", "attnlrp_pixels", "attnlrp_pixels_cp_g1",
+        "attention", "gradcam", "gradcam++", "layercam")  # fmt: skip
 
 
 @register_method("pytorch_grad_cam", needs=("class_target",), reference="pytorch-grad-cam (Gildenblat)",
@@ -77,6 +77,15 @@ def pytorch_grad_cam(model: nn.Module, images: torch.Tensor, target: Any = None)
 def attnlrp_pixels(model: nn.Module, images: torch.Tensor, target: Any = None) -> torch.Tensor:
     """:func:`vision_attn.explain.relevance.attnlrp` with ``level='pixels'``, positive part."""
     return attnlrp(model, images, target, level="pixels").clamp(min=0)
+
+
+@register_method("attnlrp_pixels_cp_g1", needs=("token_embeddings", "class_target"), reference="Achtibat et al. 2024",
+                 description="attnlrp at the pixels with CP-LRP in the attention and LRP-gamma 1 on the convolutions, "
+                 "the setting chosen on the validation hold-out (benchmarks/lrp_rules_sweep.py)")  # fmt: skip
+def attnlrp_pixels_cp_g1(model: nn.Module, images: torch.Tensor, target: Any = None) -> torch.Tensor:
+    """``attnlrp`` with ``level='pixels'``, ``attention_rule='cp'``, ``conv_gamma=1``: the best energy in box on the
+    main job's 400 validation images (``benchmarks/lrp_rules_sweep.py``), positive part."""
+    return attnlrp(model, images, target, level="pixels", attention_rule="cp", conv_gamma=1.0).clamp(min=0)
 
 
 @register_method("lxt_attnlrp", needs=("class_target",), reference="lxt (Achtibat et al. 2024)",
