@@ -59,6 +59,32 @@ def explicit_attention(
     return torch.matmul(attn, v), probs
 
 
+def _block_probs(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    rows: slice,
+    heads: int,
+    probs: torch.Tensor,
+) -> torch.Tensor:
+    """Attention probabilities of the query rows ``rows`` into the buffer ``probs`` ``[X heads, b, Lk]`` (if its
+    block size fits, else a new one): ``queries`` ``[X heads, Lq, D]`` pre-scaled, ``keys`` ``[X heads, Lk, D]``,
+    ``attn_mask`` broadcastable to ``[X, heads, Lq, Lk]`` (boolean: True attends; else added)."""
+    if probs.shape[1] != rows.stop - rows.start:  # buffers reused block to block (a fresh large tensor costs more)
+        probs = queries.new_empty(queries.shape[0], rows.stop - rows.start, keys.shape[1])
+    torch.bmm(queries[:, rows], keys.transpose(1, 2), out=probs)
+    if attn_mask is not None:
+        mask = attn_mask[..., rows, :] if attn_mask.shape[-2] == queries.shape[1] else attn_mask
+        scores = probs.view(-1, heads, *probs.shape[1:])
+        scores.masked_fill_(~mask, -math.inf) if mask.dtype == torch.bool else scores.add_(mask)
+    return torch._softmax(probs, -1, False, out=probs)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """``[X, heads, L, D] -> [X heads, L, D]``."""
+    return t.reshape(-1, t.shape[-2], t.shape[-1])
+
+
 def fused_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -70,24 +96,21 @@ def fused_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention ``[X, heads, Lq, D]`` computed in blocks of ``block`` query rows: ``(output [X, heads, Lq, Dv], the
     probabilities fused over heads [X, Lq, Lk])`` (``head_fusion``: ``'mean'``, ``'max'`` or ``'min'``). The
-    per-head probabilities of one block live only while it is computed, so this costs about 1.5 fused kernels and
-    keeps one ``[Lq, Lk]`` map per image instead of one per head."""
+    per-head probabilities of one block live only while it is computed (in a buffer reused block to block), so this
+    costs about 1.5 fused kernels and keeps one ``[Lq, Lk]`` map per image instead of one per head."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    lq = q.shape[-2]
-    out = q.new_empty(*q.shape[:-1], v.shape[-1])
-    fused = q.new_empty(q.shape[0], lq, k.shape[-2])
-    queries, keys, v = (q * scale).contiguous(), k.transpose(-2, -1).contiguous(), v.contiguous()
+    batch, heads, lq, _ = q.shape
+    out = q.new_empty(batch * heads, lq, v.shape[-1])
+    fused = q.new_empty(batch, lq, k.shape[-2])
+    queries, keys, values = _flat(q * scale), _flat(k), _flat(v)
     reduce = {"mean": torch.mean, "max": torch.amax, "min": torch.amin}[head_fusion]
+    probs = q.new_empty(0, 0, 0)
     for start in range(0, lq, block):
         rows = slice(start, min(start + block, lq))
-        scores = torch.matmul(queries[:, :, rows], keys)  # X, heads, b, Lk
-        if attn_mask is not None:
-            mask = attn_mask[..., rows, :] if attn_mask.shape[-2] == lq else attn_mask
-            scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask
-        probs = scores.softmax(dim=-1)
-        out[:, :, rows] = torch.matmul(probs, v)
-        reduce(probs, dim=1, out=fused[:, rows])
-    return out, fused
+        probs = _block_probs(queries, keys, attn_mask, rows, heads, probs)
+        torch.bmm(probs, values, out=out[:, rows])
+        reduce(probs.view(batch, heads, -1, probs.shape[-1]), dim=1, out=fused[:, rows])
+    return out.view(*q.shape[:-1], v.shape[-1]), fused
 
 
 def gradient_weighted_attention(
@@ -127,33 +150,25 @@ def attention_backward(
     lk = k.shape[-2]
     grads = out is not None
 
-    def flat(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(batch * heads, t.shape[-2], t.shape[-1])
-
-    queries, keys, values, grad_out = flat(q * scale), flat(k), flat(v), flat(grad_out)
+    queries, keys, values, grad_out = _flat(q * scale), _flat(k), _flat(v), _flat(grad_out)
     live = grad_out.any(dim=-1).any(dim=0).nonzero().squeeze(1)  # query rows with a gradient
     sparse = len(live) < lq
     if sparse:
         queries, grad_out = queries[:, live], grad_out[:, live]
-        out = flat(out)[:, live] if grads else None
+        out = _flat(out)[:, live] if grads else None
         if attn_mask is not None and attn_mask.shape[-2] == lq:
             attn_mask = attn_mask[..., live, :]
     rows_total = queries.shape[1]
     fused = q.new_empty(batch, rows_total, lk)
     if grads:  # rowsum(∇A ⊙ A) = rowsum(∇O ⊙ O): the softmax backward's correction, for all rows at once
-        correction = (grad_out * flat(out)).sum(dim=-1, keepdim=True)
+        correction = (grad_out * _flat(out)).sum(dim=-1, keepdim=True)
         grad_q, grad_k, grad_v = torch.empty_like(queries), torch.zeros_like(keys), torch.zeros_like(values)
     probs = weighted = positive = q.new_empty(0, 0, 0)
     for start in range(0, rows_total, block):
         rows = slice(start, min(start + block, rows_total))
         if probs.shape[1] != rows.stop - start:  # buffers reused block to block (a fresh large tensor costs more)
-            probs, weighted, positive = (q.new_empty(batch * heads, rows.stop - start, lk) for _ in range(3))
-        torch.bmm(queries[:, rows], keys.transpose(1, 2), out=probs)
-        if attn_mask is not None:
-            mask = attn_mask[..., rows, :] if attn_mask.shape[-2] == rows_total else attn_mask
-            scores = probs.view(batch, heads, -1, lk)
-            scores.masked_fill_(~mask, -math.inf) if mask.dtype == torch.bool else scores.add_(mask)
-        torch._softmax(probs, -1, False, out=probs)  # X heads, b, Lk
+            weighted, positive = (q.new_empty(batch * heads, rows.stop - start, lk) for _ in range(2))
+        probs = _block_probs(queries, keys, attn_mask, rows, heads, probs)  # X heads, b, Lk
         torch.bmm(grad_out[:, rows], values.transpose(1, 2), out=weighted).mul_(probs)  # ∇A ⊙ A
         torch.clamp(weighted, min=0, out=positive)
         torch.mean(positive.view(batch, heads, -1, lk), dim=1, out=fused[:, rows])
