@@ -5,7 +5,9 @@ forward, and batched explain() vs a per-image loop.
 attention): DINOv2-S with registers at its native 518 px (1,369 patch tokens): ``explain(rollout)`` <= 1.3x and
 ``explain(gradient_rollout)`` <= 3x; Swin-T at 224 px: ``explain(rollout)`` <= 1.5x. Each is also measured for its
 peak memory above the forward's, in a fresh process (the peak resident size on CPU, ``max_memory_allocated`` on
-CUDA).
+CUDA). Beside gradient rollout, the row ``gradient only (no map)`` (:func:`gradient_floor`) is what any attention
+gradient costs before a map is made: a forward pass with autograd and the backward pass down to the first
+attention module's output, fused kernels only.
 
 For each model, on one batch of ``--batch-size`` images (random weights, eval mode, no gradients unless the
 method needs them):
@@ -43,6 +45,7 @@ from vision_attn.explain import AttentionRecorder, attention_rollout, explain
 from vision_attn.explain.tokens import token_layout
 
 MODELS = (("va_vit_tiny_patch4_32", 32), ("va_vit_tiny_patch16_224", 224))
+FLOOR = "gradient only (no map)"  # the reference row of gradient_floor
 REPO = Path(__file__).resolve().parents[1]
 # (timm model, image size, quick image size, {method: target ratio to a plain forward})
 TARGETS = {
@@ -55,6 +58,22 @@ def _target_model(key: str, size: int, device: str) -> torch.nn.Module:
     torch.manual_seed(0)
     name = TARGETS[key][0]
     return timm.create_model(name, img_size=size, num_classes=10).eval().to(device)
+
+
+def gradient_floor(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """What any gradient of the attention costs before a map is made: a forward pass with autograd (the model's
+    fused attention) and the backward pass of the predicted logits down to the first attention module's output (where
+    gradient rollout's backward stops too)."""
+    first = next(m for m in model.modules() if hasattr(m, "fused_attn"))
+    outputs: list[torch.Tensor] = []
+    handle = first.register_forward_hook(lambda module, args, output: outputs.append(output))
+    try:
+        with torch.enable_grad():
+            logits = model(x.detach().requires_grad_(True))
+            score = logits.gather(1, logits.argmax(dim=1, keepdim=True)).sum()
+            torch.autograd.grad(score, outputs[0])
+    finally:
+        handle.remove()
 
 
 def peak_memory(key: str, size: int, method: str, device: str) -> float:
@@ -71,6 +90,8 @@ def peak_memory(key: str, size: int, method: str, device: str) -> float:
     if method == "forward":
         with torch.no_grad():
             model(x)
+    elif method == FLOOR:
+        gradient_floor(model, x)
     else:
         explain(model, x, method)
     if device.startswith("cuda"):
@@ -128,12 +149,18 @@ def bench_targets(quick: bool, device: str, repeats: int) -> list[str]:
             with torch.no_grad():
                 model(x)
 
-        runs = [lambda m=m, model=model, x=x: explain(model, x, m) for m in methods]
+        if "gradient_rollout" in methods:  # the floor of any attention gradient, next to gradient rollout
+            methods.insert(methods.index("gradient_rollout"), FLOOR)
+        runs = [
+            (lambda model=model, x=x: gradient_floor(model, x)) if m == FLOOR
+            else (lambda m=m, model=model, x=x: explain(model, x, m))
+            for m in methods
+        ]  # fmt: skip
         times = interleaved_times([forward, *runs], repeats, device, reduce=min)
         threads = torch.get_num_threads()
         memory = {m: _peak_in_fresh_process(key, size, m, device, threads) for m in ["forward", *methods]}
         for method, seconds in zip(methods, times[1:], strict=True):
-            ratio, target = seconds / times[0], targets[method]
+            ratio, target = seconds / times[0], targets.get(method)
             verdict = "—" if target is None else ("met" if ratio <= target else "MISSED") + f" (<= {target})"
             rows.append(
                 f"| {key} | {size} | {tokens[0] * tokens[1]} | {method} | {times[0] * 1e3:.0f} ms | "
