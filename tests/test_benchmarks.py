@@ -334,3 +334,27 @@ def test_main_job_budget_run_writes_only_its_own_block(tmp_path: Path, monkeypat
     assert "| **85.0 %** / 99.5 % |" in text
     assert "| rollout | 0.900 | 0.500 | 0.200 |" in text
     assert "Made by `python benchmarks/main_job.py --budget 4 --write-docs`." in text
+
+
+def test_gradient_floor_reaches_the_first_attention_and_leaves_no_hook() -> None:
+    """The explain benchmark's reference row: a backward pass to the first attention module's output, hooks removed."""
+    import explain as explain_benchmark  # benchmarks/explain.py
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=3).eval()
+    attn = model.blocks[0].attn
+    seen: list[torch.Tensor] = []
+
+    def watch(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+        out.register_hook(seen.append)
+
+    handle = attn.register_forward_hook(watch)
+    try:
+        explain_benchmark.gradient_floor(model, torch.randn(2, 3, 32, 32))
+    finally:
+        handle.remove()
+    assert len(seen) == 1  # the gradient reached the first attention module's output
+    assert seen[0].abs().sum() > 0
+    assert not attn._forward_hooks
+    assert not model._forward_hooks
