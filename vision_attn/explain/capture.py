@@ -42,21 +42,25 @@ def explicit_attention(
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
+    *,
+    matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.matmul,
+    softmax: Callable[[torch.Tensor], torch.Tensor] = lambda scores: torch.softmax(scores, dim=-1),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``F.scaled_dot_product_attention`` as explicit ops: ``(output [.., Lq, Dv], probabilities [.., Lq, Lk])``."""
+    """``F.scaled_dot_product_attention`` as explicit ops: ``(output [.., Lq, Dv], probabilities [.., Lq, Lk])``.
+    ``matmul`` and ``softmax`` (over the last dimension) may be replaced, e.g. by the ops of LRP rules."""
     if enable_gqa and k.shape[-3] != q.shape[-3]:
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
         v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.matmul(q * scale, k.transpose(-2, -1))
+    scores = matmul(q * scale, k.transpose(-2, -1))
     if is_causal:
         causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
         scores = scores.masked_fill(~causal, -math.inf)
-    if attn_mask is not None:
+    if attn_mask is not None:  # a constant: True = attend, or added to the scores
         scores = scores.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else scores + attn_mask
-    probs = torch.softmax(scores, dim=-1)
+    probs = softmax(scores)
     attn = F.dropout(probs, p=dropout_p) if dropout_p > 0.0 else probs
-    return torch.matmul(attn, v), probs
+    return matmul(attn, v), probs
 
 
 def _block_probs(

@@ -59,6 +59,7 @@ from torch.autograd import Function
 from torch.overrides import TorchFunctionMode
 
 from vision_attn.explain._common import NotApplicableError
+from vision_attn.explain.capture import explicit_attention
 
 __all__ = [
     "ATTENTION_RULES", "CONV_RULES", "LINEAR_RULES", "RULE_SETS", "LRPRules", "embedding_module", "lrp_forward",
@@ -538,35 +539,9 @@ class LRPRules(TorchFunctionMode):
             q = self._scale(q, score_factor * out_factor, copy=False)
             k = self._scale(k, score_factor * out_factor, copy=False)
             return func(q, k, self._scale(v, out_factor, copy=False), **bound)
-        return self._explicit_attention(q, k, v, **bound)
-
-    def _explicit_attention(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,
-        dropout_p: float = 0.0,
-        is_causal: bool = False,
-        scale: float | None = None,
-        enable_gqa: bool = False,
-    ) -> torch.Tensor:
-        """``F.scaled_dot_product_attention`` as explicit ops with the rules (``[.., Lq, D] -> [.., Lq, Dv]``)."""
-        if enable_gqa and k.shape[-3] != q.shape[-3]:
-            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
-            v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
-        scores = self._product(torch.matmul, (q * scale, k.transpose(-2, -1)), {})  # .., Lq, Lk
-        if is_causal:
-            causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
-            scores = scores.masked_fill(~causal, -math.inf)
-        if attn_mask is not None:  # a constant: True = attend, or added to the scores
-            boolean = attn_mask.dtype == torch.bool
-            scores = scores.masked_fill(~attn_mask, -math.inf) if boolean else scores + attn_mask
-        attn = self._softmax(scores)
-        if dropout_p > 0.0:
-            attn = F.dropout(attn, p=dropout_p)
-        return self._product(torch.matmul, (attn, v), {})
+        return explicit_attention(  # the products and the softmax with the rules
+            q, k, v, **bound, matmul=lambda a, b: self._product(torch.matmul, (a, b), {}), softmax=self._softmax
+        )[0]
 
 
 def embedding_module(model: nn.Module) -> nn.Module:
