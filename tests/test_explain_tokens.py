@@ -310,11 +310,11 @@ def test_str_target_is_a_type_error() -> None:
 
 
 @pytest.mark.parametrize("mask", [None, "bool", "additive"])
-@pytest.mark.parametrize("rows", ["all", "some"])
+@pytest.mark.parametrize("rows", ["all", "some", "none"])
 def test_attention_backward_equals_autograd_with_the_layer_map(mask: str | None, rows: str) -> None:
     """Gradient rollout's attention backward (one pass: ∇q, ∇k, ∇v and mean_h(relu(∇A ⊙ A))) equals autograd through
     the explicit ops, for fewer keys than queries (spatially reduced keys), masks, a last partial block, and output
-    gradients on some query rows only (a class token's readout)."""
+    gradients on some query rows only (a class token's readout) or on none."""
     from vision_attn.explain.capture import attention_backward
 
     torch.manual_seed(0)
@@ -336,6 +336,8 @@ def test_attention_backward_equals_autograd_with_the_layer_map(mask: str | None,
     if rows == "some":
         grad_out[:, :, 3:30] = 0
         grad_out[0, 1, 10] = 1.0  # one row with a gradient in one image and head only
+    elif rows == "none":  # an output the target does not depend on: every gradient and the map are zero
+        grad_out.zero_()
     out.backward(grad_out)
     grads = attention_backward(q.detach(), k.detach(), v.detach(), out.detach(), grad_out, attn_mask, block=16)
     expected = (q.grad, k.grad, v.grad, (probs.grad * probs.detach()).clamp(min=0).mean(dim=1))

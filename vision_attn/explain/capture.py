@@ -155,18 +155,20 @@ def attention_backward(
     grads = out is not None
 
     queries, keys, values, grad_out = _flat(q * scale), _flat(k), _flat(v), _flat(grad_out)
+    out = _flat(out) if grads else None
     live = grad_out.any(dim=-1).any(dim=0).nonzero().squeeze(1)  # query rows with a gradient
     sparse = len(live) < lq
     if sparse:
         queries, grad_out = queries[:, live], grad_out[:, live]
-        out = _flat(out)[:, live] if grads else None
+        out = out[:, live] if grads else None
         if attn_mask is not None and attn_mask.shape[-2] == lq:
             attn_mask = attn_mask[..., live, :]
     rows_total = queries.shape[1]
     fused = q.new_empty(batch, rows_total, lk)
     if grads:  # rowsum(∇A ⊙ A) = rowsum(∇O ⊙ O): the softmax backward's correction, for all rows at once
-        correction = (grad_out * _flat(out)).sum(dim=-1, keepdim=True)
-        grad_q, grad_k, grad_v = torch.empty_like(queries), torch.zeros_like(keys), torch.zeros_like(values)
+        correction = (grad_out * out).sum(dim=-1, keepdim=True)
+        grad_q = torch.empty_like(queries)  # ∇k and ∇v: written by the first block, accumulated by the others
+        grad_k, grad_v = (torch.empty_like(t) if rows_total else torch.zeros_like(t) for t in (keys, values))
     probs = weighted = positive = q.new_empty(0, 0, 0)
     for start in range(0, rows_total, block):
         rows = slice(start, min(start + block, rows_total))
@@ -175,12 +177,14 @@ def attention_backward(
         probs = _block_probs(queries, keys, attn_mask, rows, heads, probs)  # X heads, b, Lk
         torch.bmm(grad_out[:, rows], values.transpose(1, 2), out=weighted).mul_(probs)  # ∇A ⊙ A
         torch.clamp(weighted, min=0, out=positive)
-        torch.mean(positive.view(batch, heads, -1, lk), dim=1, out=fused[:, rows])
+        torch.sum(positive.view(batch, heads, -1, lk), dim=1, out=fused[:, rows])  # the mean: scaled once below
         if grads:
-            grad_v.baddbmm_(probs.transpose(1, 2), grad_out[:, rows])
+            accumulate = torch.bmm if start == 0 else lambda a, b, out: out.baddbmm_(a, b)
+            accumulate(probs.transpose(1, 2), grad_out[:, rows], out=grad_v)
             weighted.addcmul_(probs, correction[:, rows], value=-1.0)  # A ⊙ (∇A - rowsum): ∇ of the scores
             torch.bmm(weighted, keys, out=grad_q[:, rows])
-            grad_k.baddbmm_(weighted.transpose(1, 2), queries[:, rows])
+            accumulate(weighted.transpose(1, 2), queries[:, rows], out=grad_k)
+    fused.div_(heads)
     if sparse:
         fused = q.new_zeros(batch, lq, lk).index_copy_(1, live, fused)
     if not grads:
