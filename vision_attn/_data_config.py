@@ -157,8 +157,13 @@ def resolve_data_config(
         if not isinstance(pair, list) or len(pair) != 2:
             raise ValueError(f"img_size must be N or (H, W), got {img_size!r}")
         size[1:] = pair
-    defaults = {"interpolation": "bicubic", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-                "crop_pct": 0.875, "crop_mode": "center"}  # fmt: skip  (timm's DEFAULT_CROP_PCT, ImageNet stats)
+    defaults = {
+        "interpolation": "bicubic",
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "crop_pct": 0.875,
+        "crop_mode": "center",
+    }  # timm's DEFAULT_CROP_PCT and the ImageNet statistics
     resolved: dict[str, Any] = {"input_size": tuple(size)}
     for key in DATA_CONFIG_KEYS[1:]:
         for source in (overrides, meta, cfg, defaults):

@@ -31,6 +31,7 @@ __all__ = [
     "upsample_maps",
 ]
 
+
 class NotApplicableError(ValueError):
     """A method that does not apply to a model (rollout on a CNN, a class-target method on a ``num_classes=0``
     model, ...). A ``ValueError``; the ``explain`` CLI skips such model/method pairs and says so."""

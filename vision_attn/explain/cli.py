@@ -28,6 +28,7 @@ from vision_attn.models import load_model
 
 __all__ = ["build_parser", "main", "per_class_means"]
 
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)

@@ -145,7 +145,11 @@ def token_pool_weights(
 
 
 def _readout(
-    batch: int, num_tokens: int, num_prefix_tokens: int, pool_weights: torch.Tensor | None, dtype: torch.dtype,
+    batch: int,
+    num_tokens: int,
+    num_prefix_tokens: int,
+    pool_weights: torch.Tensor | None,
+    dtype: torch.dtype,
     device: torch.device,
 ) -> torch.Tensor:
     """The rows ``[B, N]`` the head reads: ``pool_weights`` ``[N]``/``[B, N]``, or by default row 0 when

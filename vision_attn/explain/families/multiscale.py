@@ -72,7 +72,11 @@ def _mvit_cam(model: nn.Module) -> tuple[nn.Module, FeatureLayout]:
 
 register_adapter(
     HierarchicalAdapter(
-        "MViTv2", _mvit_classes, readout=_mvit_readout, layout=lambda m: "bhqk", embedding_layout="tokens",
+        "MViTv2",
+        _mvit_classes,
+        readout=_mvit_readout,
+        layout=lambda m: "bhqk",
+        embedding_layout="tokens",
         cam=_mvit_cam,
     )
 )

@@ -106,9 +106,7 @@ def _pvt_classes() -> dict[str, Any]:
     return {"blocks": {pvt_v2.Attention: (attention, ("",))}, "merges": {pvt_v2.OverlapPatchEmbed: embed}}
 
 
-register_adapter(
-    HierarchicalAdapter("PVT v2", _pvt_classes, layout=lambda m: "bhqk", embedding_layout="nhwc")
-)
+register_adapter(HierarchicalAdapter("PVT v2", _pvt_classes, layout=lambda m: "bhqk", embedding_layout="nhwc"))
 
 
 # --- PiT -----------------------------------------------------------------------------------------------------------

@@ -55,7 +55,10 @@ def _last_stage(model: nn.Module) -> tuple[nn.Module, FeatureLayout] | None:
 
 register_adapter(
     HierarchicalAdapter(
-        "hybrid CNN + global attention", _hybrid_classes, layout=_hybrid_layout, embedding=lambda m: None,
+        "hybrid CNN + global attention",
+        _hybrid_classes,
+        layout=_hybrid_layout,
+        embedding=lambda m: None,
         cam=_last_stage,
     )
 )
@@ -133,6 +136,7 @@ REFUSED = [
      f"windowed attention with pooled queries on channels-last maps: {_NOT_YET}"),
 ]  # fmt: skip
 
+
 def _coat_cam(model: nn.Module) -> tuple[nn.Module, FeatureLayout] | None:
     """CoaT-Lite: the last serial block's ``norm1`` (its head reads the class token only); CoaT with parallel blocks:
     the generic search."""
@@ -147,4 +151,3 @@ NO_EMBEDDING = {"CrossViT"}  # two patch embeddings (one per branch): no single 
 for family, classes, reason in REFUSED:
     embedding = (lambda model: None) if family in NO_EMBEDDING else None
     register_adapter(Refused(family, classes, reason, cam=CAMS.get(family), embedding=embedding))
-

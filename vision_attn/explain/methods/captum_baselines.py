@@ -44,7 +44,9 @@ def integrated_gradients(
     targets = _targets(model, images, target)
     with torch.enable_grad():
         attributions = IntegratedGradients(model).attribute(
-            images.detach().requires_grad_(True), target=targets, n_steps=n_steps,
+            images.detach().requires_grad_(True),
+            target=targets,
+            n_steps=n_steps,
             internal_batch_size=internal_batch_size,
         )
     return apply_sign(attributions.detach().sum(dim=1), sign)
