@@ -309,12 +309,13 @@ def test_str_target_is_a_type_error() -> None:
                 explain(model, x, method, target=target)
 
 
-@pytest.mark.parametrize("mask", [None, "bool", "additive"])
+@pytest.mark.parametrize("mask", [None, "bool", "additive", "bias"])
 @pytest.mark.parametrize("rows", ["all", "some", "none"])
 def test_attention_backward_equals_autograd_with_the_layer_map(mask: str | None, rows: str) -> None:
     """Gradient rollout's attention backward (one pass: ∇q, ∇k, ∇v and mean_h(relu(∇A ⊙ A))) equals autograd through
-    the explicit ops, for fewer keys than queries (spatially reduced keys), masks, a last partial block, and output
-    gradients on some query rows only (a class token's readout) or on none."""
+    the explicit ops, for fewer keys than queries (spatially reduced keys), masks (a learned additive one gets its
+    gradient), a last partial block, and output gradients on some query rows only (a class token's readout) or on
+    none."""
     from vision_attn.explain.capture import attention_backward
 
     torch.manual_seed(0)
@@ -324,8 +325,10 @@ def test_attention_backward_equals_autograd_with_the_layer_map(mask: str | None,
     if mask == "bool":
         attn_mask = torch.rand(37, 29) > 0.3
         attn_mask[:, 0] = True  # every query attends somewhere
-    elif mask == "additive":
-        attn_mask = torch.randn(1, 3, 37, 29, dtype=torch.float64)
+    elif mask == "additive":  # a learned bias per head and query (its gradient is checked too)
+        attn_mask = torch.randn(1, 3, 37, 29, dtype=torch.float64, requires_grad=True)
+    elif mask == "bias":  # a learned bias per head, broadcast over images and queries
+        attn_mask = torch.randn(3, 1, 29, dtype=torch.float64, requires_grad=True)
     scores = (q * 8**-0.5) @ k.transpose(-2, -1)
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, -torch.inf) if mask == "bool" else scores + attn_mask
@@ -339,19 +342,27 @@ def test_attention_backward_equals_autograd_with_the_layer_map(mask: str | None,
     elif rows == "none":  # an output the target does not depend on: every gradient and the map are zero
         grad_out.zero_()
     out.backward(grad_out)
-    grads = attention_backward(q.detach(), k.detach(), v.detach(), out.detach(), grad_out, attn_mask, block=16)
+    learned = attn_mask is not None and attn_mask.requires_grad
+    mask_grad = torch.zeros_like(attn_mask) if learned else None
+    grads = attention_backward(
+        q.detach(), k.detach(), v.detach(), out.detach(), grad_out, attn_mask, block=16, mask_grad=mask_grad
+    )
     expected = (q.grad, k.grad, v.grad, (probs.grad * probs.detach()).clamp(min=0).mean(dim=1))
     for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    if learned:
+        torch.testing.assert_close(mask_grad, attn_mask.grad, rtol=1e-10, atol=1e-12)
 
 
-def test_gradient_rollout_runs_each_attention_backward_once() -> None:
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_relpos_small_patch16_224"])
+def test_gradient_rollout_runs_each_attention_backward_once(name: str) -> None:
     """Above the first attention call, gradient rollout's maps come from the backward pass itself: no fused
-    attention backward runs, and the maps equal those recomputed from each call's output gradient."""
+    attention backward runs, and the maps equal those recomputed from each call's output gradient; also where the
+    attention mask is a learned relative-position bias (it gets its gradient from the same pass)."""
     from vision_attn.explain import capture
 
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=3, num_classes=5).eval()
+    model = timm.create_model(name, img_size=64, depth=3, embed_dim=48, num_heads=3, num_classes=5).eval()
     x = torch.randn(2, 3, 64, 64)
     calls = []
     original = capture.attention_backward
@@ -363,4 +374,5 @@ def test_gradient_rollout_runs_each_attention_backward_once() -> None:
         capture.attention_backward = original
     assert calls == [True, True, False]  # backward passes of the blocks above the first one; then its map
     assert not [e for e in prof.function_events if "flash_attention" in e.name and "backward" in e.name]
-    torch.testing.assert_close(maps, _reference(model, x, "gradient_rollout", "token"), rtol=1e-4, atol=1e-5)
+    reference = _reference(model, x, "gradient_rollout", "token" if model.num_prefix_tokens else "avg")
+    torch.testing.assert_close(maps, reference, rtol=1e-4, atol=1e-5)

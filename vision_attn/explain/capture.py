@@ -141,6 +141,7 @@ def attention_backward(
     attn_mask: torch.Tensor | None = None,
     scale: float | None = None,
     block: int = 128,
+    mask_grad: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """The backward pass of an attention call ``[X, heads, L, D]`` (output ``out``, its gradient ``grad_out``) in
     blocks of query rows, with gradient rollout's layer map on the way: ``(∇q, ∇k, ∇v, mean_heads(relu(∇A ⊙ A))
@@ -148,7 +149,8 @@ def attention_backward(
     the ones a fused kernel's backward does, where a fused backward followed by the map's recomputation does seven;
     the blocks' per-head maps live in buffers reused block to block. Query rows whose output gradient is zero (all
     but the class token's in a ViT's last block) are skipped: their map rows and ``∇q`` rows are zero, and they add
-    nothing to ``∇k`` and ``∇v``."""
+    nothing to ``∇k`` and ``∇v``. ``mask_grad`` (zeros of an additive ``attn_mask``'s shape, e.g. a learned
+    relative-position bias) receives the mask's gradient."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     batch, heads, lq, _ = q.shape
     lk = k.shape[-2]
@@ -156,6 +158,7 @@ def attention_backward(
 
     queries, keys, values, grad_out = _flat(q * scale), _flat(k), _flat(v), _flat(grad_out)
     out = _flat(out) if grads else None
+    attn_mask = attn_mask.detach() if attn_mask is not None else None
     live = grad_out.any(dim=-1).any(dim=0).nonzero().squeeze(1)  # query rows with a gradient
     sparse = len(live) < lq
     if sparse:
@@ -182,6 +185,8 @@ def attention_backward(
             accumulate = torch.bmm if start == 0 else lambda a, b, out: out.baddbmm_(a, b)
             accumulate(probs.transpose(1, 2), grad_out[:, rows], out=grad_v)
             weighted.addcmul_(probs, correction[:, rows], value=-1.0)  # A ⊙ (∇A - rowsum): ∇ of the scores
+            if mask_grad is not None:  # an additive mask's gradient is the scores' (summed where it broadcasts)
+                _add_mask_grad(mask_grad, weighted.view(batch, heads, -1, lk), live[rows] if sparse else rows)
             torch.bmm(weighted, keys, out=grad_q[:, rows])
             accumulate(weighted.transpose(1, 2), queries[:, rows], out=grad_k)
     fused.div_(heads)
@@ -195,6 +200,20 @@ def attention_backward(
     return grad_q.view_as(q), grad_k.view_as(k), grad_v.view(*v.shape), fused
 
 
+def _add_mask_grad(mask_grad: torch.Tensor, grad_scores: torch.Tensor, rows: slice | torch.Tensor) -> None:
+    """Add the gradient ``[X, heads, b, Lk]`` of the scores of query rows ``rows`` to ``mask_grad``, the gradient of
+    an additive mask broadcast to ``[X, heads, Lq, Lk]`` (contiguous, any of its dimensions 1 or absent)."""
+    grad = mask_grad.view((1,) * (4 - mask_grad.ndim) + tuple(mask_grad.shape))
+    per_row = grad.shape[2] != 1
+    part = grad_scores.sum_to_size(*grad.shape[:2], grad_scores.shape[2] if per_row else 1, grad.shape[3])
+    if not per_row:
+        grad.add_(part)
+    elif isinstance(rows, slice):
+        grad[:, :, rows].add_(part)
+    else:
+        grad.index_add_(2, rows, part)
+
+
 class _WeighedAttention(Function):
     """``F.scaled_dot_product_attention`` with its fused kernel forward; the backward is
     :func:`attention_backward`, which hands the layer map of gradient rollout to ``call``."""
@@ -204,15 +223,18 @@ class _WeighedAttention(Function):
         ctx: Any, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Any, scale: Any
     ) -> torch.Tensor:
         out = _SDPA(q, k, v, attn_mask=attn_mask, scale=scale)
-        ctx.call, ctx.mask, ctx.scale = call, attn_mask, scale
-        ctx.save_for_backward(q, k, v, out)
+        ctx.call, ctx.scale = call, scale
+        ctx.save_for_backward(q, k, v, out, attn_mask)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        q, k, v, out = ctx.saved_tensors
-        grad_q, grad_k, grad_v, ctx.call.fused = attention_backward(q, k, v, out, grad_out, ctx.mask, ctx.scale)
-        return None, grad_q, grad_k, grad_v, None, None
+        q, k, v, out, mask = ctx.saved_tensors
+        mask_grad = mask.new_zeros(mask.shape) if ctx.needs_input_grad[4] else None  # e.g. a relative-position bias
+        grad_q, grad_k, grad_v, ctx.call.fused = attention_backward(
+            q, k, v, out, grad_out, mask, ctx.scale, mask_grad=mask_grad
+        )
+        return None, grad_q, grad_k, grad_v, mask_grad, None
 
 
 class AttentionCall:
@@ -268,7 +290,7 @@ class _ProbabilityCapture(TorchFunctionMode):
                     mask = bound.get("attn_mask")
                     call = AttentionCall(q, k, v, mask, bound.get("scale"))
                     grads = q.requires_grad or k.requires_grad or v.requires_grad
-                    if grads and self.weighed and not (isinstance(mask, torch.Tensor) and mask.requires_grad):
+                    if grads and self.weighed:
                         # the backward pass goes on beneath this call: it gives the layer map on the way
                         out = _WeighedAttention.apply(call, q, k, v, mask, bound.get("scale"))
                     else:  # the fused kernel and its backward; the layer map is recomputed from ∇O after it (the
