@@ -376,3 +376,23 @@ def test_gradient_rollout_runs_each_attention_backward_once(name: str) -> None:
     assert not [e for e in prof.function_events if "flash_attention" in e.name and "backward" in e.name]
     reference = _reference(model, x, "gradient_rollout", "token" if model.num_prefix_tokens else "avg")
     torch.testing.assert_close(maps, reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("head_fusion", ["mean", "max", "min"])
+@pytest.mark.parametrize("mask", [None, "bool", "additive"])
+def test_fused_attention_equals_the_explicit_ops(head_fusion: str, mask: str | None) -> None:
+    """Rollout's blockwise attention: the output of the explicit ops and their probabilities fused over heads, over
+    fewer keys than queries, masks and a last partial block."""
+    from vision_attn.explain.capture import explicit_attention, fused_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 37, 8, dtype=torch.float64)
+    k, v = (torch.randn(2, 3, 29, 8, dtype=torch.float64) for _ in range(2))
+    attn_mask = {None: None, "bool": torch.rand(37, 29) > 0.3, "additive": torch.randn(1, 3, 37, 29).double()}[mask]
+    if mask == "bool":
+        attn_mask[:, 0] = True
+    out, fused = fused_attention(q, k, v, attn_mask, head_fusion=head_fusion, block=16)
+    expected_out, probs = explicit_attention(q, k, v, attn_mask)
+    reduce = {"mean": torch.mean, "max": torch.amax, "min": torch.amin}[head_fusion]
+    torch.testing.assert_close(out, expected_out, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fused, reduce(probs, dim=1), rtol=1e-10, atol=1e-12)
