@@ -17,8 +17,9 @@ method needs them):
   ``capture+rollout / forward`` should be <= 1.3;
 * ``explain(method)`` on ``loop_images`` images at once vs a Python loop of one image at a time — the speed-up.
 
-Times are the best of several runs, interleaved so that load changes hit both sides alike. On a shared CPU,
-``--threads 1`` gives the steadiest ratios.
+Times are the best of several runs, interleaved so that load changes hit both sides alike; the targets' ratio is the
+median over 9 rounds of each round's ratio (method / forward of the same round; the range in brackets). On a shared
+CPU, ``--threads 1`` gives the steadiest ratios.
 
 Run::
 
@@ -32,12 +33,14 @@ from __future__ import annotations
 import argparse
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from _timing import interleaved_times  # benchmarks/ is on sys.path when run
 
 import vision_attn
@@ -74,6 +77,72 @@ def gradient_floor(model: torch.nn.Module, x: torch.Tensor) -> None:
             torch.autograd.grad(score, outputs[0])
     finally:
         handle.remove()
+
+
+# one attention call of the DINOv2 target: batch, heads, tokens (1,369 patches + class + 4 registers), head dim
+LAYER = (2, 6, 1374, 64)
+
+
+def blockwise_matmuls(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor, block: int = 128
+) -> None:
+    """Only the five matrix products per block of query rows that ``attention_backward`` makes (scores, ∇A, ∇v, ∇q,
+    ∇k), in its layout and buffers, without any of its element-wise passes (the values are meaningless): the least a
+    backward pass built from separate PyTorch operations in this layout can cost."""
+    x, length = q.shape[0] * q.shape[1], q.shape[2]
+    queries, keys, values, grads = (t.reshape(x, t.shape[2], t.shape[3]) for t in (q, k, v, grad_out))
+    grad_q, grad_k, grad_v = torch.empty_like(queries), torch.empty_like(keys), torch.empty_like(values)
+    scores = weighted = q.new_empty(0, 0, 0)
+    for start in range(0, length, block):
+        rows = slice(start, min(start + block, length))
+        if scores.shape[1] != rows.stop - start:
+            scores, weighted = (q.new_empty(x, rows.stop - start, keys.shape[1]) for _ in range(2))
+        torch.bmm(queries[:, rows], keys.transpose(1, 2), out=scores)
+        torch.bmm(grads[:, rows], values.transpose(1, 2), out=weighted)
+        accumulate = torch.bmm if start == 0 else lambda a, b, out: out.baddbmm_(a, b)
+        accumulate(scores.transpose(1, 2), grads[:, rows], out=grad_v)
+        torch.bmm(weighted, keys, out=grad_q[:, rows])
+        accumulate(weighted.transpose(1, 2), queries[:, rows], out=grad_k)
+
+
+def bench_attention_layer(device: str, repeats: int, shape: tuple[int, int, int, int] = LAYER) -> list[str]:
+    """Rows of the one-layer table: the backward pass of one attention call (after its fused forward) done by the
+    fused kernel, by ``attention_backward`` (which also gives gradient rollout's map) and by its matrix products
+    alone, each against the fused backward (best of ``repeats``, interleaved)."""
+    from vision_attn.explain.capture import attention_backward
+
+    torch.manual_seed(0)
+    q, k, v, grad_out = (torch.randn(shape, device=device) for _ in range(4))
+    out = F.scaled_dot_product_attention(q, k, v)
+
+    def forward() -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v)
+
+    def fused() -> None:
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+            torch.autograd.grad(F.scaled_dot_product_attention(*leaves), leaves, grad_out)
+
+    runs = {
+        "fused forward": forward,
+        "fused forward + its backward (∇q, ∇k, ∇v)": fused,
+        "fused forward + `attention_backward` (∇q, ∇k, ∇v and the map)": lambda: (
+            forward(),
+            attention_backward(q, k, v, out, grad_out),
+        ),
+        "fused forward + the five matrix products of `attention_backward` alone": lambda: (
+            forward(),
+            blockwise_matmuls(q, k, v, grad_out),
+        ),
+    }
+    times = dict(zip(runs, interleaved_times(list(runs.values()), repeats, device, reduce=min), strict=True))
+    first = times.pop("fused forward")
+    fused_backward = times["fused forward + its backward (∇q, ∇k, ∇v)"] - first
+    rows = [f"| fused forward | {first * 1e3:.1f} ms | — | — |"]
+    for name, seconds in times.items():
+        backward = seconds - first
+        rows.append(f"| {name} | {seconds * 1e3:.1f} ms | {backward * 1e3:.1f} ms | x{backward / fused_backward:.2f} |")
+    return rows
 
 
 def peak_memory(key: str, size: int, method: str, device: str) -> float:
@@ -156,18 +225,26 @@ def bench_targets(quick: bool, device: str, repeats: int) -> list[str]:
             else (lambda m=m, model=model, x=x: explain(model, x, m))
             for m in methods
         ]  # fmt: skip
-        times = interleaved_times([forward, *runs], repeats, device, reduce=min)
+        runs_times = interleaved_times([forward, *runs], repeats, device, reduce=list)
         threads = torch.get_num_threads()
         memory = {m: _peak_in_fresh_process(key, size, m, device, threads) for m in ["forward", *methods]}
-        for method, seconds in zip(methods, times[1:], strict=True):
-            ratio, target = seconds / times[0], targets.get(method)
+        for method, seconds in zip(methods, runs_times[1:], strict=True):
+            ratio, low, high = paired_ratio(runs_times[0], seconds)
+            target = targets.get(method)
             verdict = "—" if target is None else ("met" if ratio <= target else "MISSED") + f" (<= {target})"
             rows.append(
-                f"| {key} | {size} | {tokens[0] * tokens[1]} | {method} | {times[0] * 1e3:.0f} ms | "
-                f"{seconds * 1e3:.0f} ms | x{ratio:.2f} | {verdict} | {memory['forward']:.0f} MiB | "
-                f"{memory[method]:.0f} MiB |"
+                f"| {key} | {size} | {tokens[0] * tokens[1]} | {method} | {min(runs_times[0]) * 1e3:.0f} ms | "
+                f"{min(seconds) * 1e3:.0f} ms | x{ratio:.2f} ({low:.2f}–{high:.2f}) | {verdict} | "
+                f"{memory['forward']:.0f} MiB | {memory[method]:.0f} MiB |"
             )
     return rows
+
+
+def paired_ratio(reference: list[float], other: list[float]) -> tuple[float, float, float]:
+    """``(median, lowest, highest)`` of the per-round ratios ``other / reference`` of interleaved runs (both ran in
+    each round, so a change of load between rounds cancels out)."""
+    ratios = [b / a for a, b in zip(reference, other, strict=True)]
+    return statistics.median(ratios), min(ratios), max(ratios)
 
 
 def bench_model(name: str, size: int, batch_size: int, loop_images: int, repeats: int, device: str) -> list[str]:
@@ -229,9 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     if not args.skip_targets:
         lines = [
-            "| model | img | tokens | method | forward | method | ratio | target | peak memory: forward | method |",
+            "| model | img | tokens | method | forward (best) | method (best) | ratio (median of rounds, range) "
+            "| target | peak memory: forward | method |",
             "|---|---|---|---|---|---|---|---|---|---|",
-            *bench_targets(args.quick, args.device, repeats),
+            *bench_targets(args.quick, args.device, repeats if args.quick else 9),
         ]
         print("\n".join(lines), flush=True)
         if args.write_docs and not args.quick:
@@ -240,6 +318,20 @@ def main(argv: list[str] | None = None) -> int:
             threads = torch.get_num_threads()
             footer = f"\n\n{header}; made by `python benchmarks/explain.py --threads {threads} --write-docs`."
             write_block("explain_targets", "\n".join(lines) + footer, [REPO / "docs" / "explain.md"])
+        batch, heads, tokens, dim = LAYER
+        lines = [
+            f"| one attention call: {batch} images, {heads} heads, {tokens:,} tokens, head dim {dim} | time | backward "
+            "| backward / fused backward |",
+            "|---|---|---|---|",
+            *bench_attention_layer(args.device, 3 * repeats),
+        ]
+        print("\n" + "\n".join(lines), flush=True)
+        if args.write_docs and not args.quick:
+            footer = (
+                f"\n\n{header}; best of {3 * repeats}, interleaved; made by `python benchmarks/explain.py --threads "
+            )
+            footer += f"{torch.get_num_threads()} --write-docs`."
+            write_block("explain_attention_layer", "\n".join(lines) + footer, [REPO / "docs" / "explain.md"])
     print()
     print("| model | img | measure | images | first | second | ratio |")
     print("|---|---|---|---|---|---|---|")

@@ -76,6 +76,8 @@ def test_docs_carry_every_block_the_benchmarks_write() -> None:
         "explain_quality": ["docs/explain.md"],
         "app_latency": ["docs/app.md"],
         "relevance_cost": ["docs/explain.md"],
+        "explain_targets": ["docs/explain.md"],
+        "explain_attention_layer": ["docs/explain.md"],
     }
     for name, files in blocks.items():
         for file in files:
@@ -358,3 +360,30 @@ def test_gradient_floor_reaches_the_first_attention_and_leaves_no_hook() -> None
     assert seen[0].abs().sum() > 0
     assert not attn._forward_hooks
     assert not model._forward_hooks
+
+
+def test_attention_layer_table_times_the_fused_backward_ours_and_its_matmuls_alone() -> None:
+    """The one-layer table of the explain benchmark: three backward passes against the fused one, and the matrix-product
+    reference makes exactly the five products per block of query rows that ``attention_backward`` makes."""
+    import explain as explain_benchmark  # benchmarks/explain.py
+
+    rows = explain_benchmark.bench_attention_layer("cpu", 1, shape=(1, 2, 40, 8))
+    assert [row.split(" | ")[0].lstrip("| ") for row in rows] == [
+        "fused forward",
+        "fused forward + its backward (∇q, ∇k, ∇v)",
+        "fused forward + `attention_backward` (∇q, ∇k, ∇v and the map)",
+        "fused forward + the five matrix products of `attention_backward` alone",
+    ]
+    assert rows[1].endswith("| x1.00 |")
+    q, k, v, grad_out = (torch.randn(1, 2, 40, 8) for _ in range(4))
+    with torch.profiler.profile() as prof:
+        explain_benchmark.blockwise_matmuls(q, k, v, grad_out, block=16)
+    names = [e.name for e in prof.events() if e.name in ("aten::bmm", "aten::baddbmm_")]
+    assert len(names) == 5 * 3  # 40 rows in blocks of 16: 3 blocks
+
+
+def test_paired_ratio_is_the_median_of_each_rounds_ratio() -> None:
+    import explain as explain_benchmark  # benchmarks/explain.py
+
+    # the best times alone would pair round 1's forward with round 3's method: 1.5; each round says 2 or more
+    assert explain_benchmark.paired_ratio([1.0, 2.0, 4.0], [3.0, 4.0, 8.0]) == (2.0, 2.0, 3.0)
