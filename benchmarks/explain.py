@@ -17,8 +17,9 @@ method needs them):
   ``capture+rollout / forward`` should be <= 1.3;
 * ``explain(method)`` on ``loop_images`` images at once vs a Python loop of one image at a time — the speed-up.
 
-Times are the best of several runs, interleaved so that load changes hit both sides alike; the targets' ratio is the
-median over 9 rounds of each round's ratio (method / forward of the same round; the range in brackets). On a shared
+Times are the best of several runs, interleaved so that load changes hit both sides alike; each target method is
+interleaved with the forward alone, and its ratio is the median over 9 rounds of each round's ratio (method / forward
+of the same round; the range in brackets). On a shared
 CPU, ``--threads 1`` gives the steadiest ratios.
 
 Run::
@@ -225,15 +226,16 @@ def bench_targets(quick: bool, device: str, repeats: int) -> list[str]:
             else (lambda m=m, model=model, x=x: explain(model, x, m))
             for m in methods
         ]  # fmt: skip
-        runs_times = interleaved_times([forward, *runs], repeats, device, reduce=list)
+        # each method interleaved with the forward alone: no method runs in the wake of another's memory traffic
+        pairs = [interleaved_times([forward, run], repeats, device, reduce=list) for run in runs]
         threads = torch.get_num_threads()
         memory = {m: _peak_in_fresh_process(key, size, m, device, threads) for m in ["forward", *methods]}
-        for method, seconds in zip(methods, runs_times[1:], strict=True):
-            ratio, low, high = paired_ratio(runs_times[0], seconds)
+        for method, (forwards, seconds) in zip(methods, pairs, strict=True):
+            ratio, low, high = paired_ratio(forwards, seconds)
             target = targets.get(method)
             verdict = "—" if target is None else ("met" if ratio <= target else "MISSED") + f" (<= {target})"
             rows.append(
-                f"| {key} | {size} | {tokens[0] * tokens[1]} | {method} | {min(runs_times[0]) * 1e3:.0f} ms | "
+                f"| {key} | {size} | {tokens[0] * tokens[1]} | {method} | {min(forwards) * 1e3:.0f} ms | "
                 f"{min(seconds) * 1e3:.0f} ms | x{ratio:.2f} ({low:.2f}–{high:.2f}) | {verdict} | "
                 f"{memory['forward']:.0f} MiB | {memory[method]:.0f} MiB |"
             )
