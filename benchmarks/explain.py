@@ -19,14 +19,18 @@ method needs them):
 
 Times are the best of several runs, interleaved so that load changes hit both sides alike; each target method is
 interleaved with the forward alone, and its ratio is the median over 9 rounds of each round's ratio (method / forward
-of the same round; the range in brackets). On a shared
-CPU, ``--threads 1`` gives the steadiest ratios.
+of the same round; the range in brackets). On a shared CPU, ``--threads 1`` gives the steadiest ratios.
+
+After the targets, one attention call of the DINOv2 target is timed alone: its fused backward, ``attention_backward``
+(the gradients and gradient rollout's map) and the five matrix products of ``attention_backward`` without its
+element-wise passes (:func:`blockwise_matmuls`), each against the fused backward.
 
 Run::
 
     python benchmarks/explain.py --threads 2 # full: the targets, then batch 64, best of 5; explain on 16 images
     python benchmarks/explain.py --quick    # the targets at 224 px (DINOv2: 256 tokens), 16 images, 3 repeats
-    python benchmarks/explain.py --threads 2 --write-docs   # also rewrites the explain_targets block of docs/explain.md
+    python benchmarks/explain.py --threads 2 --write-docs   # also rewrites the explain_targets and
+                                                            # explain_attention_layer blocks of docs/explain.md
 """
 
 from __future__ import annotations
